@@ -1,0 +1,271 @@
+"""Padam: partially adaptive momentum estimation (Chen et al., IJCAI 2020)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from padam_jax import _power
+from padam_jax import _validation
+
+ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
+
+
+class ScaleByPartialAmsgradState(NamedTuple):
+  """State of :func:`scale_by_partial_amsgrad`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    mu: first moment ``m_t`` (in ``mu_dtype`` when given).
+    nu: raw second moment ``v_t``.
+    nu_max: running elementwise maximum of the raw ``v_t`` (``vhat_t``).
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_max: optax.Updates
+
+
+def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
+  """Returns a hyperparameter at a step: a schedule called on ``count``, a number as is."""
+  return value(count) if callable(value) else value
+
+
+def bias_correction_factor(
+    b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
+) -> jax.Array:
+  """Adam's ``sqrt(1 - b2^t) / (1 - b1^t)`` in float32, for ``t = count >= 1``."""
+  t = count.astype(jnp.float32)
+  b1 = jnp.asarray(b1, jnp.float32)
+  b2 = jnp.asarray(b2, jnp.float32)
+  return jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+
+def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+  """The dtype moments are kept in: ``dtype`` if inexact, else JAX's default float.
+
+  Integer parameters get float moments and float updates, as Optax's own
+  optimizers produce.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return dtype
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float_))
+
+
+def zeros_moment(params: optax.Params, dtype: jax.typing.DTypeLike | None = None) -> optax.Params:
+  """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`."""
+  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype or float_dtype(x.dtype)), params)
+
+
+def eps_may_be_zero(eps: Any) -> bool:
+  """Whether ``eps`` may be zero at run time, so ``0 ** -q`` must be guarded."""
+  value = _validation.concrete_float(eps)
+  return value is None or value == 0.0
+
+
+def scale_by_partial_amsgrad(
+    p: ScalarOrSchedule = 0.125,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    bias_correction: bool = True,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Padam's partially adaptive AMSGrad rule.
+
+  With gradient :math:`g_t` at step :math:`t \ge 1`:
+
+  .. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+    \hat v_t &= \max(\hat v_{t-1}, v_t) \\
+    u_t &= c_t \, m_t / (\sqrt{\hat v_t} + \varepsilon)^{2p},
+    \qquad c_t = \sqrt{1 - \beta_2^t} / (1 - \beta_1^t)
+
+  Chained with ``optax.scale_by_learning_rate(lr)`` this is the authors'
+  reference rule exactly: the maximum is taken over the *raw* second moment,
+  ``eps`` is added to ``sqrt(vhat)`` *before* the power ``2p``, and the bias
+  correction is Adam's whatever ``p`` is (for ``p < 1/2`` it acts as a warm-up
+  of ``(1 - b2^t)^(1/2 - p)`` relative to a fully debiased step).
+
+  With ``bias_correction=False`` and ``eps=0`` it is the paper's Algorithm 1,
+  :math:`u_t = m_t / \hat v_t^p`; coordinates whose gradients have all been zero
+  (``vhat = 0``, hence ``m = 0``) get a zero update instead of ``0/0``.
+
+  Differences from ``optax.amsgrad`` at ``p = 1/2``: optax takes the maximum of
+  the *bias-corrected* second moment and applies the two bias corrections to
+  ``m`` and ``v`` separately; here (as in PyTorch's ``Adam(amsgrad=True)``) the
+  maximum is of the raw ``v`` and the corrections are one scalar factor.
+
+  Args:
+    p: partially adaptive exponent in ``[0, 1/2]``: ``1/2`` is AMSGrad, ``0`` is
+      heavy-ball momentum with effective rate ``lr * (1 - b1)``. A number or a
+      schedule (a callable of the step count, evaluated at the number of
+      updates already applied, like Optax learning-rate schedules).
+    b1: decay rate of the first moment, in ``[0, 1)``.
+    b2: decay rate of the second moment, in ``[0, 1)``.
+    eps: added to ``sqrt(vhat)`` before the power; ``>= 0``.
+    bias_correction: whether to multiply by ``sqrt(1 - b2^t) / (1 - b1^t)``.
+    mu_dtype: optional dtype of the first moment in the state (e.g.
+      ``jnp.bfloat16``); the arithmetic is done in the gradients' dtype.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`ScaleByPartialAmsgradState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import padam_jax
+    >>> tx = optax.chain(padam_jax.scale_by_partial_amsgrad(p=0.125),
+    ...                  optax.scale_by_learning_rate(0.1))
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(2 * params, state)
+    >>> print(optax.apply_updates(params, updates))
+    [ 0.99263 -1.99382]
+
+  References:
+    Chen, Zhou, Tang, Yang, Cao, Gu, `Closing the Generalization Gap of Adaptive
+    Gradient Methods in Training Deep Neural Networks
+    <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Algorithm 1).
+  """
+  if not callable(p):
+    _validation.check_partial_power(p)
+  _validation.check_betas(b1, b2)
+  _validation.check_interval("eps", eps, 0.0)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  guard_zero = eps_may_be_zero(eps)
+
+  def init_fn(params: optax.Params) -> ScaleByPartialAmsgradState:
+    return ScaleByPartialAmsgradState(
+        count=jnp.zeros([], jnp.int32),
+        mu=zeros_moment(params, mu_dtype),
+        nu=zeros_moment(params),
+        nu_max=zeros_moment(params),
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: ScaleByPartialAmsgradState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScaleByPartialAmsgradState]:
+    del params
+    count_inc = optax.safe_increment(state.count)
+    two_p = 2 * evaluate(p, state.count)
+    scale = bias_correction_factor(b1, b2, count_inc) if bias_correction else None
+
+    def moment(decay, g, old, order):
+      dtype = float_dtype(g.dtype)
+      g = g.astype(dtype)
+      decay = jnp.asarray(decay, dtype)
+      return decay * old.astype(dtype) + (1 - decay) * (g if order == 1 else g * g)
+
+    mu = jax.tree.map(lambda g, m: moment(b1, g, m, 1), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: moment(b2, g, v, 2), updates, state.nu)
+    nu_max = jax.tree.map(  # max of the raw v, not of the bias-corrected one
+        lambda old, v: jnp.maximum(old.astype(v.dtype), v), state.nu_max, nu
+    )
+
+    def step(m, v_max):
+      denom = jnp.sqrt(v_max) + jnp.asarray(eps, m.dtype)
+      out = m * _power.inverse_power(denom, two_p)
+      if scale is not None:
+        out = scale.astype(m.dtype) * out
+      if guard_zero:  # vhat = 0 only where every gradient was 0, so m = 0 too
+        out = jnp.where(denom == 0, jnp.zeros_like(out), out)
+      return out
+
+    steps = jax.tree.map(step, mu, nu_max)
+    return steps, ScaleByPartialAmsgradState(
+        count=count_inc,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        nu_max=optax.tree.cast_like(nu_max, state.nu_max),
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def padam(
+    learning_rate: ScalarOrSchedule = 0.1,
+    p: ScalarOrSchedule = 0.125,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    bias_correction: bool = True,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+  r"""Padam, the partially adaptive momentum estimation method.
+
+  ``optax.chain(add_decayed_weights(weight_decay, mask),
+  scale_by_partial_amsgrad(p, b1, b2, eps), scale_by_learning_rate(learning_rate))``:
+  the authors' reference update
+
+  .. math::
+
+    x_{t+1} = x_t - \alpha_t \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+      \frac{m_t}{(\sqrt{\hat v_t} + \varepsilon)^{2p}}
+
+  where the moments are of ``g_t + weight_decay * x_t``: weight decay is
+  *coupled* (L2 added to the gradient, as in the reference code), so it is
+  also rescaled by the adaptive denominator. See
+  :func:`scale_by_partial_amsgrad` for the conventions.
+
+  Args:
+    learning_rate: base step size ``alpha_t``, a number or an Optax schedule.
+      The paper uses 0.1 for CIFAR with the same step decays as SGD-momentum.
+    p: partially adaptive exponent in ``[0, 1/2]`` (a number or a schedule);
+      1/8 in the paper's image experiments.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to ``sqrt(vhat)`` before the power ``2p``.
+    weight_decay: coupled L2 weight decay, ``>= 0`` (5e-4 in the paper's CIFAR runs).
+    mask: which parameters weight decay applies to, as in ``optax.adamw``: a
+      pytree of bools with the parameters' structure, or a callable returning one.
+    bias_correction: Adam's bias correction (on, as in the reference code).
+    mu_dtype: optional dtype of the first moment in the state.
+
+  Returns:
+    The optimizer, an ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import padam_jax
+    >>> def f(x):
+    ...   return jnp.sum(x ** 2)
+    >>> tx = padam_jax.padam(learning_rate=0.1, p=0.125)
+    >>> params = jnp.array([1.0, 2.0, 3.0])
+    >>> state = tx.init(params)
+    >>> for _ in range(200):
+    ...   grads = jax.grad(f)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"{f(params):.2e}")
+    1.51e-05
+
+  References:
+    Chen, Zhou, Tang, Yang, Cao, Gu, `Closing the Generalization Gap of Adaptive
+    Gradient Methods in Training Deep Neural Networks
+    <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
+  """
+  _validation.check_interval("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_partial_amsgrad(
+          p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
+      ),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,83 @@
+"""Argument checks shared by the optimizer factories.
+
+Factories validate plain numbers eagerly, when the optimizer is built, so a bad
+hyperparameter fails at the line that wrote it. Traced values (inside ``jit`` or
+``optax.inject_hyperparams``) and schedules cannot be inspected without running
+JAX and are passed through unchecked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a Python float when it is a concrete scalar, else None."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool):
+    raise TypeError(f"expected a number, got the bool {value!r}")
+  try:
+    array = np.asarray(value)
+  except Exception:  # noqa: BLE001 - anything unconvertible is not a concrete scalar
+    return None
+  if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    return None
+  return float(array)
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    description: str | None = None,
+) -> None:
+  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: the argument; schedules and traced values are not checked.
+    low: lower end of the valid interval.
+    high: upper end of the valid interval.
+    low_open: whether ``low`` itself is excluded.
+    high_open: whether ``high`` itself is excluded.
+    description: optional words appended to the message (why the range).
+  """
+  x = concrete_float(value)
+  if x is None:
+    return
+  too_low = x <= low if low_open else x < low
+  too_high = x >= high if high_open else x > high
+  if math.isfinite(x) and not too_low and not too_high:
+    return
+  left = "(" if low_open else "["
+  right = ")" if high_open or math.isinf(high) else "]"
+  upper = "inf" if math.isinf(high) else f"{high:g}"
+  message = (
+      f"{name} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}"
+  )
+  if description:
+    message += f" ({description})"
+  raise ValueError(message)
+
+
+def check_betas(b1: Any, b2: Any) -> None:
+  """Checks the two moment decay rates of an Adam-like method."""
+  check_interval("b1", b1, 0.0, 1.0, high_open=True)
+  check_interval("b2", b2, 0.0, 1.0, high_open=True)
+
+
+def check_partial_power(p: Any) -> None:
+  """Checks the partially adaptive exponent ``p``."""
+  check_interval(
+      "p", p, 0.0, 0.5,
+      description="p=1/2 is the fully adaptive method, p=0 is momentum SGD",
+  )
