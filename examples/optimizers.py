@@ -1,0 +1,320 @@
+"""The paper's optimizers, with the paper's hyperparameters, by name.
+
+One registry for every trainer and benchmark in ``examples/``::
+
+  from examples import optimizers
+
+  setup = optimizers.make_optimizer(
+      "padam", task="cifar10", steps_per_epoch=391, epochs=200,
+      batch_size=128, train_size=50_000)
+  setup.tx             # the optax.GradientTransformation
+  setup.learning_rate  # the schedule, step -> learning rate
+  setup.hyperparams    # every hyperparameter used (JSON-serialisable)
+
+Hyperparameters are those of Section 5 of Chen et al. (IJCAI 2020):
+
+- ``cifar10``: lr 0.1 for SGD-M and Padam, 1e-3 for the other adaptive methods;
+  b1 0.9; b2 0.99 for Adam and AMSGrad, 0.999 otherwise; Padam p = 1/8;
+  AdaBound final lr 0.1; Yogi eps 1e-3; AdamW normalized weight decay 0.025.
+  Coupled L2 weight decay 5e-4 for every method but AdamW, as the authors'
+  CIFAR script passes its ``--wd`` default (5e-4) to every optimizer it builds.
+- ``ptb2`` / ``ptb3`` (2- and 3-layer LSTM): SGD-M lr 1 / 10; Adam, AMSGrad,
+  AdamW, AdaBound lr 1e-3; Yogi lr 0.01 / 0.1; Padam lr 0.01 / 1 with p 0.4 / 0.2;
+  AdaBound final lr 10 / 100; AdamW normalized weight decay 4e-4; b2 0.999.
+  The paper gives no L2 weight decay for the language models: 0 here.
+
+Every learning rate follows the paper's step decay: x0.1 after 50% and 75% of
+the steps (epochs 100 and 150 of 200). AdamW's decay is Loshchilov & Hutter's:
+``lambda = lambda_norm * sqrt(batch_size / (train_size * epochs))``, applied per
+step as ``x <- x - (lr_t / lr_0) * lambda * x`` (it follows the schedule
+multiplier, not the learning rate itself).
+
+AMSGrad is PyTorch's ``Adam(amsgrad=True)`` (the maximum of the raw second
+moment, as the authors ran it), which is ``padam_jax.padam`` at ``p = 1/2``;
+``optax.amsgrad`` takes the maximum of the bias-corrected moment instead.
+
+The partially adaptive family and AMSBound are not in the paper; their entries
+are untuned starting points derived from Padam's values (see
+:func:`paper_hyperparams`). Gradient clipping (language models) is not part of
+the registry: chain ``optax.clip_by_global_norm`` before ``setup.tx``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+import padam_jax
+
+PAPER_OPTIMIZERS = ("sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam")
+FAMILY = (
+    "partial_adam",
+    "partial_rmsprop",
+    "partial_adagrad",
+    "partial_adamax",
+    "partial_adadelta",
+    "padamw",
+)
+NAMES = PAPER_OPTIMIZERS + FAMILY + ("amsbound",)
+TASKS = ("cifar10", "ptb2", "ptb3")
+
+DECAY_FACTOR = 0.1
+DECAY_FRACTIONS = (0.5, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSetup:
+  """What :func:`make_optimizer` returns.
+
+  Attributes:
+    tx: the optimizer.
+    learning_rate: the learning-rate schedule it uses (step -> lr).
+    hyperparams: every hyperparameter used, JSON-serialisable, for run logs.
+  """
+
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  hyperparams: dict[str, Any]
+
+
+def _per_task(cifar10: Any, ptb2: Any, ptb3: Any) -> dict[str, Any]:
+  return {"cifar10": cifar10, "ptb2": ptb2, "ptb3": ptb3}
+
+
+# Values that differ between tasks, from the paper's Section 5.
+_PADAM_LR = _per_task(0.1, 0.01, 1.0)
+_PADAM_P = _per_task(0.125, 0.4, 0.2)
+_L2 = _per_task(5e-4, 0.0, 0.0)
+
+
+def paper_hyperparams(name: str, task: str) -> dict[str, Any]:
+  """Returns the default hyperparameters of optimizer ``name`` on ``task``.
+
+  Keys are the ones :func:`make_optimizer` accepts as overrides. For the
+  partially adaptive family (not in the paper): Padam's ``p`` for the task;
+  Padam's learning rate for the Adam-like rules and Adagrad; Padam's rate times
+  ``1 - b1`` with momentum 0.9 for RMSprop (the same effective step as Padam's
+  moving-average momentum); Adadelta's customary rate 1.
+
+  Args:
+    name: one of :data:`NAMES`.
+    task: one of :data:`TASKS`.
+
+  Returns:
+    A new dict of the hyperparameters.
+  """
+  _check_choice("optimizer", name, NAMES)
+  _check_choice("task", task, TASKS)
+  t = task
+  ptb = t != "cifar10"
+  adaptive_lr = 1e-3
+  if name == "sgdm":
+    return {"learning_rate": _per_task(0.1, 1.0, 10.0)[t], "momentum": 0.9,
+            "nesterov": False, "weight_decay": _L2[t]}
+  if name in ("adam", "amsgrad"):
+    return {"learning_rate": adaptive_lr, "b1": 0.9, "b2": 0.999 if ptb else 0.99,
+            "eps": 1e-8, "weight_decay": _L2[t]}
+  if name == "adamw":
+    return {"learning_rate": adaptive_lr, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+            "weight_decay_normalized": _per_task(0.025, 4e-4, 4e-4)[t],
+            "weight_decay": None}
+  if name == "yogi":
+    return {"learning_rate": _per_task(1e-3, 0.01, 0.1)[t], "b1": 0.9, "b2": 0.999,
+            "eps": 1e-3, "weight_decay": _L2[t]}
+  if name in ("adabound", "amsbound"):
+    return {"learning_rate": adaptive_lr, "final_lr": _per_task(0.1, 10.0, 100.0)[t],
+            "b1": 0.9, "b2": 0.999, "eps": 1e-8, "gamma": 1e-3, "weight_decay": _L2[t]}
+  if name in ("padam", "partial_adam", "padamw"):
+    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t], "b1": 0.9, "b2": 0.999,
+            "eps": 1e-8, "weight_decay": _L2[t]}
+  if name == "partial_adamax":
+    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t], "b1": 0.9, "b2": 0.999,
+            "eps": 1e-8, "weight_decay": _L2[t]}
+  if name == "partial_rmsprop":
+    return {"learning_rate": _PADAM_LR[t] * (1 - 0.9), "p": _PADAM_P[t], "decay": 0.999,
+            "eps": 1e-8, "momentum": 0.9, "weight_decay": _L2[t]}
+  if name == "partial_adagrad":
+    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t],
+            "initial_accumulator_value": 0.0, "eps": 1e-10, "weight_decay": _L2[t]}
+  if name == "partial_adadelta":
+    return {"learning_rate": 1.0, "p": _PADAM_P[t], "rho": 0.9, "eps": 1e-6,
+            "weight_decay": _L2[t]}
+  raise AssertionError(name)  # every name in NAMES is handled above
+
+
+def step_decay_boundaries(total_steps: int) -> dict[int, float]:
+  """The paper's decay steps: ``{int(0.5 T): 0.1, int(0.75 T): 0.1}`` for ``T`` steps.
+
+  Coinciding milestones (``T < 4``) are merged into one factor of 0.01.
+  """
+  boundaries: dict[int, float] = {}
+  for fraction in DECAY_FRACTIONS:
+    step = int(fraction * total_steps)
+    boundaries[step] = boundaries.get(step, 1.0) * DECAY_FACTOR
+  return boundaries
+
+
+def step_decay_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
+  """``learning_rate`` x0.1 from step ``int(0.5 T)`` on and again from ``int(0.75 T)``."""
+  return optax.piecewise_constant_schedule(learning_rate, step_decay_boundaries(total_steps))
+
+
+def normalized_weight_decay(
+    weight_decay_normalized: float, batch_size: int, train_size: int, epochs: int
+) -> float:
+  """Loshchilov & Hutter's ``lambda_norm * sqrt(batch_size / (train_size * epochs))``."""
+  for arg, value in (("batch_size", batch_size), ("train_size", train_size), ("epochs", epochs)):
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{arg} must be a positive int for AdamW's normalized weight decay, "
+                       f"got {value!r}")
+  return weight_decay_normalized * math.sqrt(batch_size / (train_size * epochs))
+
+
+def make_optimizer(
+    name: str,
+    task: str = "cifar10",
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    batch_size: int | None = None,
+    train_size: int | None = None,
+    learning_rate: float | None = None,
+    **overrides: Any,
+) -> OptimizerSetup:
+  """Builds optimizer ``name`` with the paper's hyperparameters for ``task``.
+
+  Args:
+    name: one of :data:`NAMES`.
+    task: one of :data:`TASKS`.
+    steps_per_epoch: optimizer steps per epoch.
+    epochs: number of epochs; with ``steps_per_epoch`` it places the decays.
+    batch_size: examples per step (needed by AdamW's normalized weight decay).
+    train_size: training examples per epoch (needed by AdamW).
+    learning_rate: optional base learning rate replacing the paper's.
+    **overrides: any other hyperparameter of :func:`paper_hyperparams`.
+
+  Returns:
+    An :class:`OptimizerSetup`.
+
+  Raises:
+    ValueError: for an unknown name, task or override key (the message lists the
+      valid ones), or non-positive step counts.
+  """
+  hyperparams = paper_hyperparams(name, task)
+  unknown = sorted(set(overrides) - set(hyperparams))
+  if unknown:
+    valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
+    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; "
+                     f"valid: {valid}")
+  hyperparams.update(overrides)
+  if learning_rate is not None:
+    hyperparams["learning_rate"] = learning_rate
+  for arg, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{arg} must be a positive int, got {value!r}")
+  total_steps = steps_per_epoch * epochs
+  lr0 = float(hyperparams["learning_rate"])
+  schedule = step_decay_schedule(lr0, total_steps)
+
+  if name == "adamw" and hyperparams["weight_decay"] is None:
+    if batch_size is None or train_size is None:
+      raise ValueError("adamw needs batch_size and train_size for its normalized weight "
+                       "decay (or pass weight_decay=... directly)")
+    hyperparams["weight_decay"] = normalized_weight_decay(
+        hyperparams["weight_decay_normalized"], batch_size, train_size, epochs)
+
+  tx = _BUILDERS[name](schedule, dict(hyperparams))
+  log = {
+      "optimizer": name,
+      "task": task,
+      **{k: _jsonable(v) for k, v in hyperparams.items()},
+      "schedule": "step_decay",
+      "decay_boundaries": [[b, s] for b, s in sorted(step_decay_boundaries(total_steps).items())],
+      "total_steps": total_steps,
+      "batch_size": batch_size,
+      "train_size": train_size,
+  }
+  return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
+
+
+def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+
+
+def _jsonable(value: Any) -> Any:
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  return repr(value)  # a schedule passed as an override, e.g. p
+
+
+def _library(attr: str) -> Callable[..., optax.GradientTransformation]:
+  fn = getattr(padam_jax, attr, None)
+  if fn is None:
+    raise NotImplementedError(f"padam_jax.{attr} is not available in this version")
+  return fn
+
+
+def _l2(hp: Mapping[str, Any], tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Coupled L2: ``weight_decay * x`` added to the gradient before ``tx``."""
+  return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), tx)
+
+
+def _sgdm(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  # optax.sgd's trace is PyTorch's SGD momentum buffer: b = mu b + g, x -= lr b.
+  return _l2(hp, optax.sgd(lr, momentum=hp["momentum"], nesterov=hp["nesterov"]))
+
+
+def _adam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  return _l2(hp, optax.adam(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"]))
+
+
+def _amsgrad(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  return padam_jax.padam(lr, p=0.5, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                         weight_decay=hp["weight_decay"])
+
+
+def _adamw(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  # optax.adamw decays by lr_t * wd; dividing by lr_0 makes it (lr_t / lr_0) * lambda.
+  return optax.adamw(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                     weight_decay=hp["weight_decay"] / hp["learning_rate"])
+
+
+def _yogi(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  return _l2(hp, optax.yogi(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"]))
+
+
+def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
+  def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+    return _library(attr)(lr, final_lr=hp["final_lr"], b1=hp["b1"], b2=hp["b2"],
+                          eps=hp["eps"], gamma=hp["gamma"], weight_decay=hp["weight_decay"])
+  return build
+
+
+def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  return padam_jax.padam(lr, p=hp["p"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                         weight_decay=hp["weight_decay"])
+
+
+def _family(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
+  def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+    kwargs = {k: v for k, v in hp.items() if k != "learning_rate"}
+    return _library(attr)(lr, **kwargs)
+  return build
+
+
+_BUILDERS: dict[str, Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]] = {
+    "sgdm": _sgdm,
+    "adam": _adam,
+    "amsgrad": _amsgrad,
+    "adamw": _adamw,
+    "yogi": _yogi,
+    "adabound": _bound("adabound"),
+    "amsbound": _bound("amsbound"),
+    "padam": _padam,
+    **{name: _family(name) for name in FAMILY},
+}
