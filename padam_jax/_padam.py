@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,14 +36,30 @@ def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
   return value(count) if callable(value) else value
 
 
+def one_minus_power(decay: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
+  """``1 - decay**t`` in float32 without the cancellation of the direct form.
+
+  ``1 - 0.999**t`` loses ~5 significant digits in float32 at small ``t`` (0.999
+  itself is only float32-exact to 1e-8); ``-expm1(t * log(decay))`` with the
+  logarithm taken in double precision when ``decay`` is a Python number keeps it
+  to float32 round-off, as the reference code's float64 arithmetic does.
+  """
+  value = _validation.concrete_float(decay)
+  if value is not None:
+    if value == 0.0:
+      return jnp.ones_like(t)
+    log_decay = jnp.asarray(math.log(value), jnp.float32)
+  else:
+    log_decay = jnp.log(jnp.asarray(decay, jnp.float32))
+  return -jnp.expm1(t * log_decay)
+
+
 def bias_correction_factor(
     b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
 ) -> jax.Array:
   """Adam's ``sqrt(1 - b2^t) / (1 - b1^t)`` in float32, for ``t = count >= 1``."""
   t = count.astype(jnp.float32)
-  b1 = jnp.asarray(b1, jnp.float32)
-  b2 = jnp.asarray(b2, jnp.float32)
-  return jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+  return jnp.sqrt(one_minus_power(b2, t)) / one_minus_power(b1, t)
 
 
 def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -165,8 +182,9 @@ def scale_by_partial_amsgrad(
     def moment(decay, g, old, order):
       dtype = float_dtype(g.dtype)
       g = g.astype(dtype)
-      decay = jnp.asarray(decay, dtype)
-      return decay * old.astype(dtype) + (1 - decay) * (g if order == 1 else g * g)
+      # 1 - decay before rounding to float32: 1 - float32(0.999) is off by 1e-5.
+      weight = jnp.asarray(1 - decay, dtype)
+      return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * (g if order == 1 else g * g)
 
     mu = jax.tree.map(lambda g, m: moment(b1, g, m, 1), updates, state.mu)
     nu = jax.tree.map(lambda g, v: moment(b2, g, v, 2), updates, state.nu)
