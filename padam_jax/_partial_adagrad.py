@@ -1,0 +1,167 @@
+"""Partial Adagrad: Adagrad with the root of the gradient sum of squares to a partial power."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from padam_jax import _padam, _partial_common, _validation
+from padam_jax._padam import ScalarOrSchedule
+
+
+class ScaleByPartialRssState(NamedTuple):
+  """State of :func:`scale_by_partial_rss`.
+
+  Attributes:
+    count: number of updates applied so far (int32), for a scheduled ``p``.
+    sum_of_squares: the running sum of squared gradients ``G_t``.
+  """
+
+  count: jax.Array
+  sum_of_squares: optax.Updates
+
+
+def scale_by_partial_rss(
+    p: ScalarOrSchedule = 0.125,
+    initial_accumulator_value: jax.typing.ArrayLike = 0.0,
+    eps: jax.typing.ArrayLike = 1e-10,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by the root of the sum of squared gradients to a partial power.
+
+  .. math::
+
+    G_t &= G_{t-1} + g_t^2, \qquad G_0 = \text{initial\_accumulator\_value} \\
+    u_t &= g_t / (\sqrt{G_t} + \varepsilon)^{2p}
+
+  ``eps`` is added to ``sqrt(G)`` before the power (PyTorch's Adagrad, whose
+  defaults ``G_0 = 0``, ``eps = 1e-10`` are used here). At ``p = 1/2`` and
+  ``eps = 0`` this is ``optax.scale_by_rss(initial_accumulator_value, eps=0)``
+  (optax adds its ``eps`` inside the root); at ``p = 0`` it is the identity.
+
+  Args:
+    p: partially adaptive exponent in ``[0, 1/2]``, a number or a schedule.
+    initial_accumulator_value: ``G_0 >= 0``.
+    eps: added to ``sqrt(G)`` before the power; ``>= 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`ScaleByPartialRssState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import padam_jax
+    >>> tx = padam_jax.scale_by_partial_rss(p=0.25, eps=0.0)
+    >>> updates, _ = tx.update(jnp.array([4.0, 0.0]), tx.init(jnp.zeros(2)))
+    >>> print(updates)  # 4 / sqrt(16) ** 0.5
+    [2. 0.]
+
+  References:
+    Duchi, Hazan, Singer, `Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
+
+    Chen, Zhou, Tang, Yang, Cao, Gu, `Closing the Generalization Gap of Adaptive
+    Gradient Methods in Training Deep Neural Networks
+    <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
+  """
+  if not callable(p):
+    _validation.check_partial_power(p)
+  _validation.check_interval("initial_accumulator_value", initial_accumulator_value, 0.0)
+  _validation.check_interval("eps", eps, 0.0)
+  guard_zero = _padam.eps_may_be_zero(eps) and _padam.eps_may_be_zero(initial_accumulator_value)
+
+  def init_fn(params: optax.Params) -> ScaleByPartialRssState:
+    sums = jax.tree.map(
+        lambda x: jnp.full_like(
+            x, initial_accumulator_value, dtype=_padam.float_dtype(x.dtype)
+        ),
+        params,
+    )
+    return ScaleByPartialRssState(count=jnp.zeros([], jnp.int32), sum_of_squares=sums)
+
+  def update_fn(
+      updates: optax.Updates,
+      state: ScaleByPartialRssState,
+      params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ScaleByPartialRssState]:
+    del params
+    two_p = 2 * _padam.evaluate(p, state.count)
+
+    def accumulate(g, s):
+      g = g.astype(s.dtype)
+      return s + g * g
+
+    sums = jax.tree.map(accumulate, updates, state.sum_of_squares)
+
+    def step(g, s):
+      denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
+      return _partial_common.partial_divide(
+          g.astype(s.dtype), denom, two_p, guard_zero=guard_zero
+      )
+
+    return jax.tree.map(step, updates, sums), ScaleByPartialRssState(
+        count=optax.safe_increment(state.count), sum_of_squares=sums
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def partial_adagrad(
+    learning_rate: ScalarOrSchedule = 0.1,
+    p: ScalarOrSchedule = 0.125,
+    initial_accumulator_value: jax.typing.ArrayLike = 0.0,
+    eps: jax.typing.ArrayLike = 1e-10,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+  r"""Partially adaptive Adagrad.
+
+  ``optax.chain(add_decayed_weights(weight_decay, mask),
+  scale_by_partial_rss(p, initial_accumulator_value, eps),
+  scale_by_learning_rate(learning_rate))``:
+
+  .. math::
+
+    x_{t+1} = x_t - \alpha_t \frac{g_t}{(\sqrt{G_t} + \varepsilon)^{2p}}
+
+  Adagrad (PyTorch's form) at ``p = 1/2``, SGD at ``p = 0``. Weight decay is
+  coupled L2.
+
+  Args:
+    learning_rate: step size, a number or an Optax schedule.
+    p: partially adaptive exponent in ``[0, 1/2]`` (a number or a schedule).
+    initial_accumulator_value: initial sum of squares.
+    eps: added to ``sqrt(G)`` before the power.
+    weight_decay: coupled L2 weight decay, ``>= 0``.
+    mask: which parameters weight decay applies to, as in ``optax.adamw``.
+
+  Returns:
+    The optimizer, an ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import padam_jax
+    >>> tx = padam_jax.partial_adagrad(learning_rate=0.1, p=0.125)
+    >>> params = jnp.array([1.0, 2.0, 3.0])
+    >>> state = tx.init(params)
+    >>> for _ in range(200):
+    ...   updates, state = tx.update(2 * params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"{jnp.sum(params ** 2):.2e}")
+    3.11e-19
+
+  References:
+    Duchi, Hazan, Singer, `Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
+  """
+  _validation.check_interval("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_partial_rss(p, initial_accumulator_value, eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )
