@@ -23,7 +23,7 @@ def concrete_float(value: Any) -> float | None:
     raise TypeError(f"expected a number, got the bool {value!r}")
   try:
     array = np.asarray(value)
-  except Exception:  # noqa: BLE001 - anything unconvertible is not a concrete scalar
+  except Exception:
     return None
   if array.shape != () or not np.issubdtype(array.dtype, np.number):
     return None
