@@ -1,0 +1,154 @@
+"""CIFAR-10 classification as a :class:`examples.training.Task`, and :func:`train_and_evaluate`.
+
+The dataset lives on the device; each step gathers its batch there and augments it inside the jitted
+step (random crop with 4-pixel zero padding, horizontal flip), so the input pipeline costs next to
+nothing. An epoch is ``train_size // batch_size`` steps over a fresh permutation (the remainder of
+the permutation is skipped, so every batch has the same shape); evaluation covers the whole test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from examples import optimizers, training
+from examples.cifar10 import input_pipeline, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(training.LoopConfig):
+  """A CIFAR-10 run. The shared fields (optimizer, epochs, ...) are those of ``LoopConfig``.
+
+  Attributes:
+    model: a name from ``models.MODELS``.
+    train_size: a class-balanced subset of the training set of this size, or None for all 50,000.
+    test_size: the same for the test set (10,000).
+    data_dir: folder holding ``cifar10.npz``; None looks at ``$PADAM_DATA_DIR``, then the cache.
+    eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
+  """
+
+  model: str = "resnet20"
+  epochs: int = 200
+  train_size: int | None = None
+  test_size: int | None = None
+  data_dir: str | None = None
+  eval_batch_size: int = 1000
+
+
+class Cifar10Task(training.Task):
+  """CIFAR-10 with the reference's augmentation and normalization, cross-entropy loss."""
+
+  registry_task = "cifar10"
+  unit = "images"
+
+  def __init__(self, config: Config, train: input_pipeline.Split, test: input_pipeline.Split):
+    if config.model not in models.MODELS:
+      raise ValueError(f"unknown model {config.model!r}; valid models: {', '.join(models.MODELS)}")
+    self.model_name = config.model
+    self.batch_size = config.batch_size
+    self.eval_batch_size = config.eval_batch_size
+    self.train_size = int(train.labels.shape[0])
+    self.steps_per_epoch = self.train_size // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(
+        f"batch size {config.batch_size} exceeds the {self.train_size} training images"
+      )
+    self.x_train = jnp.asarray(train.images)
+    self.y_train = jnp.asarray(train.labels)
+    self.test = test
+    self._eval_batches: list[dict[str, jax.Array]] | None = None
+
+  def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return models.create_model(self.model_name, rngs=rngs)
+
+  def train_batches(self, epoch: int, rng: jax.Array) -> Iterator[dict[str, jax.Array]]:
+    del epoch  # the rng already depends on it
+    order = jax.random.permutation(rng, self.train_size)
+    for step in range(self.steps_per_epoch):
+      yield _gather(self.x_train, self.y_train, order, step, self.batch_size)
+
+  def loss(self, model, batch, carry, rng, *, train: bool):
+    images = batch["image"]
+    if train:
+      images = input_pipeline.random_crop_flip(images, rng)
+    logits = model(input_pipeline.normalize(images))
+    labels = batch["label"]
+    # Evaluation batches are padded to one shape; the weight is 0 on padding.
+    weight = batch.get("weight", jnp.ones(labels.shape, jnp.float32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    sums = {
+      "loss": jnp.sum(losses * weight),
+      "correct": jnp.sum(correct * weight),
+      "count": jnp.sum(weight),
+    }
+    return sums["loss"] / sums["count"], (carry, sums)
+
+  def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+    return {"loss": sums["loss"] / sums["count"], "acc": sums["correct"] / sums["count"]}
+
+  def evaluate(self, evaluator: training.Evaluator) -> dict[str, float]:
+    if self._eval_batches is None:
+      self._eval_batches = _padded_batches(self.test, self.eval_batch_size, evaluator.num_devices)
+    sums = evaluator.run(self._eval_batches)
+    return {"test_loss": sums["loss"] / sums["count"], "test_acc": sums["correct"] / sums["count"]}
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _gather(
+  images: jax.Array, labels: jax.Array, order: jax.Array, step: int, batch_size: int
+) -> dict[str, jax.Array]:
+  index = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+  return {"image": images[index], "label": labels[index]}
+
+
+def _padded_batches(
+  split: input_pipeline.Split, batch_size: int, num_devices: int
+) -> list[dict[str, jax.Array]]:
+  n = split.labels.shape[0]
+  batch_size = min(batch_size, n)
+  batch_size = -(-batch_size // num_devices) * num_devices
+  total = -(-n // batch_size) * batch_size
+  pad = total - n
+  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+  labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
+  weight = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  return [
+    {
+      "image": jnp.asarray(images[i : i + batch_size]),
+      "label": jnp.asarray(labels[i : i + batch_size]),
+      "weight": jnp.asarray(weight[i : i + batch_size]),
+    }
+    for i in range(0, total, batch_size)
+  ]
+
+
+def train_and_evaluate(config: Config) -> list[dict[str, Any]]:
+  """Trains on CIFAR-10 as ``config`` says; returns the per-epoch records (as in metrics.jsonl).
+
+  Args:
+    config: the run's settings.
+
+  Returns:
+    One dict per epoch with ``epoch``, ``step``, ``lr``, ``train_loss``, ``train_acc``,
+    ``test_loss``, ``test_acc``, ``epoch_seconds``, ``images_per_second`` and a few more.
+  """
+  # Fail on a bad name before spending seconds on loading the data.
+  if config.model not in models.MODELS:
+    raise ValueError(f"unknown model {config.model!r}; valid models: {', '.join(models.MODELS)}")
+  if config.optimizer not in optimizers.NAMES:
+    raise ValueError(
+      f"unknown optimizer {config.optimizer!r}; valid: {', '.join(optimizers.NAMES)}"
+    )
+  train, test = input_pipeline.load(
+    config.data_dir, config.train_size, config.test_size, config.seed
+  )
+  return training.train(Cifar10Task(config, train, test), config)
