@@ -109,7 +109,7 @@ def scale_by_partial_adamax(
 
     nu = jax.tree.map(infinity_norm, updates, state.nu)
     if bias_correction:
-      correction = 1.0 / (1.0 - jnp.asarray(b1, jnp.float32) ** count_inc.astype(jnp.float32))
+      correction = 1.0 / _padam.one_minus_power(b1, count_inc.astype(jnp.float32))
     else:
       correction = None
 

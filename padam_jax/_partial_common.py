@@ -12,8 +12,9 @@ def ema(decay: jax.typing.ArrayLike, g: jax.Array, old: jax.Array, order: int) -
   """``decay * old + (1 - decay) * g**order`` in the gradient's float dtype."""
   dtype = _padam.float_dtype(g.dtype)
   g = g.astype(dtype)
-  decay = jnp.asarray(decay, dtype)
-  return decay * old.astype(dtype) + (1 - decay) * (g if order == 1 else g * g)
+  # 1 - decay before rounding to float32, as in Padam: 1 - float32(0.999) is off by 1e-5.
+  weight = jnp.asarray(1 - decay, dtype)
+  return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * (g if order == 1 else g * g)
 
 
 def partial_divide(
