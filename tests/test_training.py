@@ -1,0 +1,199 @@
+"""The shared training loop (examples/training.py) on a toy task that compiles in a second.
+
+The toy task has what the real ones need: BatchNorm statistics and dropout (model state and
+randomness), and a per-epoch carried state threaded through the steps, as an LSTM's is.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from examples import results, training
+
+# optax's piecewise-constant schedule (the registry's step decay) compares a float with the int32
+# step count, which strict dtype promotion rejects.
+pytestmark = pytest.mark.standard_promotion
+
+TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "examples_per_second"}
+
+
+class ToyNet(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(8, 16, rngs=rngs)
+    self.norm = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.25)
+    self.out = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x, rng):
+    h = nnx.relu(self.norm(self.dense(x)))
+    return self.out(self.drop(h, rngs=rng))
+
+
+class ToyTask(training.Task):
+  """Binary labels of a random linear rule; the carry counts the steps of the epoch so far."""
+
+  registry_task = "cifar10"
+  unit = "examples"
+
+  def __init__(self, n: int = 64, batch_size: int = 16, poison_epoch: int | None = None):
+    rng = np.random.default_rng(0)
+    self.x = rng.normal(size=(n, 8)).astype(np.float32)
+    self.y = (self.x @ rng.normal(size=(8,)) > 0).astype(np.int32)
+    self.batch_size = batch_size
+    self.train_size = n
+    self.steps_per_epoch = n // batch_size
+    self.poison_epoch = poison_epoch
+    self.carries_seen = []
+
+  def init_model(self, rngs):
+    return ToyNet(rngs)
+
+  def init_carry(self, batch_size):
+    return jnp.zeros((batch_size,), jnp.float32)
+
+  def train_batches(self, epoch, rng):
+    order = np.asarray(jax.random.permutation(rng, self.train_size))
+    for step in range(self.steps_per_epoch):
+      index = order[step * self.batch_size : (step + 1) * self.batch_size]
+      x = self.x[index]
+      if epoch == self.poison_epoch:
+        x = np.full_like(x, np.nan)
+      yield {"x": jnp.asarray(x), "y": jnp.asarray(self.y[index])}
+
+  def loss(self, model, batch, carry, rng, *, train):
+    logits = model(batch["x"], rng)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    count = jnp.asarray(batch["y"].shape[0], jnp.float32)
+    sums = {
+        "loss": jnp.sum(losses),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)),
+        "carry": jnp.sum(carry),
+        "count": count,
+    }
+    return sums["loss"] / count, (carry + 1.0, sums)
+
+  def evaluate(self, evaluator):
+    batches = [{"x": jnp.asarray(self.x[i : i + 32]), "y": jnp.asarray(self.y[i : i + 32])}
+               for i in range(0, self.train_size, 32)]
+    sums = evaluator.run(batches, carry=jnp.zeros((32,), jnp.float32))
+    return {"test_loss": sums["loss"] / sums["count"], "test_acc": sums["correct"] / sums["count"],
+            # The eval carry runs 0, 1, ... over the stream: its sum shows it is threaded through.
+            "eval_carry": sums["carry"] / sums["count"]}
+
+
+def config(tmp_path, name="run", **kwargs):
+  base = dict(optimizer="padam", epochs=2, batch_size=16, workdir=str(tmp_path / name), progress=False)
+  return training.LoopConfig(**{**base, **kwargs})
+
+
+def without_timing(history):
+  return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
+
+
+def test_history_and_metrics_file(tmp_path):
+  cfg = config(tmp_path)
+  history = training.train(ToyTask(), cfg)
+  assert [r["epoch"] for r in history] == [1, 2]
+  assert [r["step"] for r in history] == [4, 8]
+  for key in ("lr", "train_loss", "train_correct", "test_loss", "test_acc", "epoch_seconds",
+              "examples_per_second"):
+    assert all(np.isfinite(r[key]) for r in history), key
+  assert results.read_metrics(cfg.workdir) == history
+  run = results.read_run(cfg.workdir)
+  assert run["optimizer"]["optimizer"] == "padam" and run["config"]["epochs"] == 2
+
+
+def test_learning_rate_logged_from_the_schedule(tmp_path):
+  # 4 epochs of 4 steps: the registry decays x0.1 at steps 8 and 12, the starts of epochs 3 and 4.
+  history = training.train(ToyTask(), config(tmp_path, epochs=4, optimizer="sgdm"))
+  lrs = [r["lr"] for r in history]
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def test_carry_is_threaded_and_reset_every_epoch(tmp_path):
+  history = training.train(ToyTask(), config(tmp_path))
+  # Steps 0..3 see carries 0..3 on each of 16 rows; summarize divides by the 64 examples.
+  expected = sum(range(4)) * 16 / 64
+  assert [r["train_carry"] for r in history] == [expected, expected]
+  # Evaluation: two batches of 32 rows starting from a zero carry: (0 + 1) * 32 / 64.
+  assert history[0]["eval_carry"] == 0.5
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+  a = training.train(ToyTask(), config(tmp_path, "a", epochs=1))
+  b = training.train(ToyTask(), config(tmp_path, "b", epochs=1))
+  c = training.train(ToyTask(), config(tmp_path, "c", epochs=1, seed=1))
+  assert without_timing(a) == without_timing(b)
+  assert without_timing(a) != without_timing(c)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+  full = training.train(ToyTask(), config(tmp_path, "full", epochs=3))
+  cfg = config(tmp_path, "parts", epochs=3)
+  first = training.train(ToyTask(), dataclasses.replace(cfg, stop_after_epoch=1))
+  assert len(first) == 1
+  resumed = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
+  assert without_timing(resumed) == without_timing(full)
+  assert without_timing(results.read_metrics(cfg.workdir)) == without_timing(full)
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(tmp_path):
+  cfg = config(tmp_path, epochs=2, stop_after_epoch=1)
+  training.train(ToyTask(), cfg)
+  with pytest.raises(ValueError, match="--resume"):
+    training.train(ToyTask(), cfg)
+  with pytest.raises(ValueError, match="learning_rate"):
+    training.train(ToyTask(), dataclasses.replace(cfg, resume=True, learning_rate=0.5))
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+  history = training.train(ToyTask(), config(tmp_path, epochs=1, resume=True))
+  assert len(history) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = config(tmp_path, epochs=3)
+  with pytest.raises(training.NonFiniteLossError, match="epoch 2") as error:
+    training.train(ToyTask(poison_epoch=2), cfg)
+  assert "epoch 1" in str(error.value)  # the checkpoint kept
+  assert [r["epoch"] for r in results.read_metrics(cfg.workdir)] == [1]
+  # The kept checkpoint resumes (here with clean data) to the uninterrupted result.
+  resumed = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
+  full = training.train(ToyTask(), config(tmp_path, "full", epochs=3))
+  assert without_timing(resumed) == without_timing(full)
+
+
+def test_eight_devices_match_one(tmp_path):
+  assert len(jax.devices()) == 8, "tests/conftest.py forces 8 host devices"
+  one = training.train(ToyTask(), config(tmp_path, "one", epochs=1, devices=1))
+  eight = training.train(ToyTask(), config(tmp_path, "eight", epochs=1, devices=8))
+  assert len(results.read_run(tmp_path / "eight")["devices"]) == 8
+  a, b = without_timing(one)[0], without_timing(eight)[0]
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+
+
+def test_batch_must_split_over_devices(tmp_path):
+  with pytest.raises(ValueError, match="multiple"):
+    training.train(ToyTask(batch_size=12, n=48), config(tmp_path, batch_size=12, devices=8))
+
+
+def test_unknown_optimizer_lists_valid_names(tmp_path):
+  with pytest.raises(ValueError, match="padam") as error:
+    training.train(ToyTask(), config(tmp_path, optimizer="adamax-typo"))
+  assert "sgdm" in str(error.value)
+
+
+def test_read_metrics_errors(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    results.read_metrics(tmp_path)
+  (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+  with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+    results.read_metrics(tmp_path)
