@@ -46,6 +46,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import padam_jax
@@ -159,8 +161,22 @@ def step_decay_boundaries(total_steps: int) -> dict[int, float]:
 
 
 def step_decay_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
-  """``learning_rate`` x0.1 from step ``int(0.5 T)`` on and again from ``int(0.75 T)``."""
-  return optax.piecewise_constant_schedule(learning_rate, step_decay_boundaries(total_steps))
+  """``learning_rate`` x0.1 from step ``int(0.5 T)`` on and again from ``int(0.75 T)``.
+
+  The values of ``optax.piecewise_constant_schedule(learning_rate,
+  step_decay_boundaries(total_steps))``, computed in float32 without mixing the
+  int32 step with Python floats (so it also runs under strict dtype promotion).
+  """
+  boundaries = sorted(step_decay_boundaries(total_steps).items())
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    count = jnp.asarray(count)
+    value = jnp.asarray(learning_rate, jnp.float32)
+    for step, factor in boundaries:
+      value = jnp.where(count >= step, value * factor, value)
+    return value
+
+  return schedule
 
 
 def normalized_weight_decay(
