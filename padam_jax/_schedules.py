@@ -34,10 +34,15 @@ def anneal_p(
 
   The default, 1/2 to 1/8, starts as AMSGrad (fast early progress) and ends at
   the paper's ``p = 1/8`` (SGD-like generalization), the annealing the paper's
-  authors expected could help but did not try. Since the adaptive denominator
-  ``(sqrt(vhat) + eps)^(2p)`` changes scale with ``p``, a fixed learning rate
-  means a changing effective step: pick the learning rate for ``end_p`` (the
-  value training ends with) and keep the rule's bias-correction warm-up.
+  authors expected could help but did not try.
+
+  The learning rate has to move with ``p``: the step
+  ``lr / (sqrt(vhat) + eps)^(2p)`` grows with ``p`` wherever ``sqrt(vhat) < 1``
+  (a coordinate with ``sqrt(vhat) = 1e-3`` gets 1000x at ``p = 1/2`` and 5.6x at
+  ``p = 1/8``), so Padam's rate 0.1 at ``p = 1/2`` is AMSGrad at 0.1. The second
+  example starts at Adam's rate 1e-3 and rises log-linearly to Padam's 0.1 while
+  ``p`` falls linearly, which keeps that coordinate's multiplier
+  ``lr / sqrt(vhat)^(2p)`` between 0.56 and 1 throughout.
 
   Args:
     transition_steps: number of steps over which ``p`` moves, ``> 0``.
@@ -55,7 +60,23 @@ def anneal_p(
     >>> p = padam_jax.anneal_p(transition_steps=1000, init_p=0.5, end_p=0.125)
     >>> print([round(float(p(t)), 4) for t in (0, 500, 1000, 5000)])
     [0.5, 0.3125, 0.125, 0.125]
-    >>> tx = padam_jax.padam(learning_rate=0.1, p=p)
+
+    The recipe for a run of ``T`` steps with the paper's step decays:
+
+    >>> T = 391 * 200
+    >>> ramp = T // 4  # the adaptive phase
+    >>> p = padam_jax.anneal_p(ramp, init_p=0.5, end_p=0.125, shape="linear")
+    >>> rise = optax.exponential_decay(1e-3, ramp, decay_rate=100.0, end_value=0.1)
+    >>> decay = optax.piecewise_constant_schedule(1.0, {T // 2: 0.1, 3 * T // 4: 0.1})
+    >>> lr = lambda t: rise(t) * decay(t)
+    >>> tx = padam_jax.padam(learning_rate=lr, p=p, weight_decay=5e-4)
+    >>> for t in (0, ramp // 2, ramp, T // 2, T - 1):
+    ...   print(f"step {t:>5}: p = {float(p(t)):.4f}, lr = {float(lr(t)):.2e}")
+    step     0: p = 0.5000, lr = 1.00e-03
+    step  9775: p = 0.3125, lr = 1.00e-02
+    step 19550: p = 0.1250, lr = 1.00e-01
+    step 39100: p = 0.1250, lr = 1.00e-02
+    step 78199: p = 0.1250, lr = 1.00e-03
   """
   _validation.check_partial_power(init_p)
   _validation.check_partial_power(end_p)
