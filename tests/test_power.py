@@ -24,7 +24,7 @@ def magnitudes() -> np.ndarray:
   """float32 values spanning 1e-30..1e4, zeros, powers of two and mantissa edges."""
   decades = np.logspace(-30, 4, 20_001)
   powers_of_two = np.ldexp(1.0, np.arange(-99, 14))
-  # frexp's mantissa crosses sqrt(1/2) and 1 here: the reduction's boundaries.
+  # Mantissa edges: just below and at powers of two, and at sqrt(1/2) and sqrt(2).
   edges = np.concatenate([
       np.sqrt(0.5) * powers_of_two, 2 * np.sqrt(0.5) * powers_of_two,
       np.nextafter(powers_of_two.astype(np.float32), np.float32(0)),
