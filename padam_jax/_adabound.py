@@ -59,7 +59,10 @@ def scale_by_adabound(
   momentum). The step already includes the learning rate because the clip acts
   on it, so the result is the positive step size times ``m``: chain
   ``optax.scale(-1.0)`` after it (as :func:`adabound` does). A learning-rate
-  schedule moves the bounds with it through ``alpha_t / alpha_0``.
+  schedule moves the bounds with it through ``alpha_t / alpha_0``. Under
+  ``optax.inject_hyperparams`` a scheduled learning rate reaches this function
+  as the current number only, so ``alpha_t / alpha_0`` is 1: pass the schedule
+  itself (as the registry in ``examples/`` does) for bounds that follow it.
 
   Args:
     learning_rate: ``alpha_t``, a number or a schedule (evaluated at the number
