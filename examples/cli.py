@@ -1,8 +1,8 @@
 """Command-line plumbing shared by the example trainers (``python -m examples.cifar10``, ...).
 
-A trainer's ``__main__`` calls :func:`configure_xla` first (XLA reads its flags when JAX starts its
-backend, so they must be set before any computation), then builds its parser with
-:func:`add_common_flags`, turns the parsed flags into its config with :func:`loop_kwargs`, and runs
+A trainer's ``__main__`` builds its parser with :func:`add_common_flags`, calls :func:`configure_xla`
+before anything computes (XLA reads ``$XLA_FLAGS`` when JAX starts its backend, at the first
+computation, not at import), turns the parsed flags into its config with :func:`loop_kwargs`, and runs
 its ``train_and_evaluate`` through :func:`run`, which turns expected failures into one-line messages.
 
 This module imports no JAX at import time.
@@ -25,7 +25,7 @@ XNNPACK_FLAG = "--xla_cpu_use_xnnpack=true"
 def configure_xla(argv: Sequence[str] | None = None) -> None:
   """Adds the XLA:CPU fast paths to ``$XLA_FLAGS`` unless ``--no-xnnpack`` is in ``argv``.
 
-  Call before JAX runs anything. A ``--xla_cpu_use_xnnpack`` already in ``$XLA_FLAGS`` wins.
+  Call before JAX computes anything (importing JAX is fine). A ``--xla_cpu_use_xnnpack`` already in ``$XLA_FLAGS`` wins.
   """
   argv = sys.argv[1:] if argv is None else argv
   flags = os.environ.get("XLA_FLAGS", "")

@@ -338,10 +338,16 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     **dict(config.hparams),
   )
   root = jax.random.key(config.seed)
-  model = task.init_model(
-    nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
-  )
-  optimizer = nnx.Optimizer(model, task.transform(setup.tx), wrt=nnx.Param)
+  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
+  # parameter shape, which costs seconds each on a small CPU.
+  @nnx.jit
+  def create(root):
+    model = task.init_model(
+      nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
+    )
+    return model, nnx.Optimizer(model, task.transform(setup.tx), wrt=nnx.Param)
+
+  model, optimizer = create(root)
   model.train()
   train_graph, state = nnx.split((model, optimizer))
   model.eval()

@@ -3,12 +3,8 @@
 import argparse
 import sys
 
-from examples import cli
-
-cli.configure_xla()  # before JAX starts a backend
-
-from examples import optimizers  # noqa: E402
-from examples.cifar10 import input_pipeline, models, train  # noqa: E402
+from examples import cli, optimizers
+from examples.cifar10 import input_pipeline, models, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  cli.configure_xla(sys.argv[1:] if argv is None else argv)  # before JAX starts its backend
   config = train.Config(
     model=args.model,
     train_size=args.train_size,

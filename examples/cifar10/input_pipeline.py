@@ -91,9 +91,11 @@ def resolve_data_file(data_dir: str | os.PathLike | None, *, download: bool = Tr
 
 
 def download_and_convert(
-  npz_path: pathlib.Path, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5
+  npz_path: pathlib.Path, url: str | None = None, md5: str | None = None
 ) -> None:
   """Downloads the official python archive, checks its md5 and converts it to ``npz_path`` once."""
+  url = ARCHIVE_URL if url is None else url
+  md5 = ARCHIVE_MD5 if md5 is None else md5
   npz_path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=npz_path.parent) as tmp:
     archive = pathlib.Path(tmp) / "cifar-10-python.tar.gz"
@@ -182,7 +184,8 @@ def load_npz(path: str | os.PathLike) -> tuple[Split, Split]:
   path = pathlib.Path(path)
   fix = f"Replace {path} with a good copy (or delete it if it is the download cache)."
   try:
-    with np.load(path, allow_pickle=False) as data:
+    # Opened here, not by np.load, so that the file is closed even when it is not a zip archive.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
       missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data.files]
       if missing:
         raise DataError(f"{path} lacks the arrays {missing} (it has {data.files}). {fix}")
