@@ -1,0 +1,1 @@
+"""Penn Treebank word-level language modelling with LSTMs: ``python -m examples.ptb --help``."""

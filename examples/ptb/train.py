@@ -1,0 +1,175 @@
+"""Penn Treebank language modelling as a :class:`examples.training.Task`, and :func:`train_and_evaluate`.
+
+Training is truncated back-propagation through time: the training stream is cut into
+``batch_size`` contiguous rows and windows of ``bptt`` steps (``input_pipeline.bptt_windows``),
+taken in order; the LSTM state at the end of one window starts the next (the shared loop stops its
+gradient) and is reset to zero at the start of every epoch. The loss of a step is the mean
+cross-entropy over its ``batch_size x bptt`` tokens (as PyTorch's and AWD-LSTM's trainers, not the
+per-sequence sum of Zaremba's TensorFlow code, whose learning rates are therefore not comparable).
+
+Evaluation scores every (input, target) pair of the validation and test streams exactly once: the
+stream is cut into ``eval_batch_size`` rows, each starting from a zero state and carrying it across
+its windows, with the tail padded at weight 0. Perplexity is ``exp(total loss / tokens)`` over the
+whole stream; ``--eval-batch-size 1`` gives the single-sequence value.
+
+The optimizer is the registry's for task ``ptb2`` (two-layer models) or ``ptb3`` (three layers),
+after ``optax.clip_by_global_norm``. For AdamW's normalized weight decay, an epoch's "training
+examples" are its ``batch_size x steps`` sequences of ``bptt`` tokens, so that
+``batch / examples`` is ``1 / steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from examples import optimizers, training
+from examples.ptb import input_pipeline, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(training.LoopConfig):
+  """A PTB run. The shared fields (optimizer, epochs, ...) are those of ``LoopConfig``.
+
+  Attributes:
+    model: a name from ``models.MODELS``.
+    bptt: window length; None: the model's default.
+    clip: maximal global gradient norm; None: the model's default; 0: no clipping.
+    tie_weights: share embedding and softmax weights; None: the model's default.
+    train_tokens: train on the first this many tokens of the training stream only (quick runs).
+    eval_batch_size: rows the validation and test streams are cut into.
+    data_dir: folder holding ``ptb.{train,valid,test}.txt``; None looks at ``$PADAM_DATA_DIR``,
+      then the download cache.
+  """
+
+  model: str = "lstm2-small"
+  epochs: int = 200
+  batch_size: int = 20
+  bptt: int | None = None
+  clip: float | None = None
+  tie_weights: bool | None = None
+  train_tokens: int | None = None
+  eval_batch_size: int = 10
+  data_dir: str | None = None
+
+
+def _perplexity(loss: float) -> float:
+  # exp overflows a float above ~709.8 nats per token; such a run has diverged anyway.
+  return math.exp(loss) if loss < 709.0 else math.inf
+
+
+class PtbTask(training.Task):
+  """Next-word prediction on PTB with an LSTM, truncated BPTT with carried state."""
+
+  unit = "tokens"
+
+  def __init__(self, config: Config, corpus: input_pipeline.Corpus):
+    self.spec = models.get_spec(config.model, tie_weights=config.tie_weights)
+    self.registry_task = "ptb3" if self.spec.num_layers >= 3 else "ptb2"
+    self.bptt = self.spec.bptt if config.bptt is None else config.bptt
+    self.clip = self.spec.clip if config.clip is None else config.clip
+    if self.clip < 0:
+      raise ValueError(f"--clip must be >= 0 (0 turns clipping off), got {self.clip}")
+    if config.eval_batch_size < 1:
+      raise ValueError(f"--eval-batch-size must be positive, got {config.eval_batch_size}")
+    self.corpus = corpus
+    self.vocab_size = len(corpus.vocab)
+    self.batch_size = config.batch_size
+    self.eval_batch_size = config.eval_batch_size
+    self.train_windows = input_pipeline.bptt_windows(
+      corpus.train, config.batch_size, self.bptt, pad=False
+    )
+    self.steps_per_epoch = int(self.train_windows.inputs.shape[0])
+    self.train_size = self.steps_per_epoch * config.batch_size
+    self._eval_windows: dict[str, input_pipeline.Windows] | None = None
+
+  def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return models.LSTMLanguageModel(self.spec, self.vocab_size, rngs=rngs)
+
+  def transform(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    if self.clip == 0:
+      return tx
+    return optax.chain(optax.clip_by_global_norm(self.clip), tx)
+
+  def init_carry(self, batch_size: int) -> models.Carry:
+    return models.zero_carry(self.spec, batch_size)
+
+  def train_batches(self, epoch: int, rng: jax.Array) -> Iterator[dict[str, np.ndarray]]:
+    del epoch, rng  # every epoch walks the same windows in order; only dropout is random
+    windows = self.train_windows
+    for w in range(self.steps_per_epoch):
+      yield {"inputs": windows.inputs[w], "targets": windows.targets[w]}
+
+  def loss(self, model, batch, carry, rng, *, train: bool):
+    logits, carry = model(batch["inputs"], carry, rng=rng if train else None)
+    targets = batch["targets"]
+    weight = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    sums = {"loss": jnp.sum(losses * weight), "count": jnp.sum(weight)}
+    return sums["loss"] / sums["count"], (carry, sums)
+
+  def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+    loss = sums["loss"] / sums["count"]
+    return {"loss": loss, "ppl": _perplexity(loss)}
+
+  def evaluation_windows(self, num_devices: int = 1) -> dict[str, input_pipeline.Windows]:
+    """The valid and test windows (rows rounded up to a multiple of ``num_devices``)."""
+    if self._eval_windows is None:
+      rows = -(-self.eval_batch_size // num_devices) * num_devices
+      self._eval_windows = {
+        split: input_pipeline.bptt_windows(getattr(self.corpus, split), rows, self.bptt, pad=True)
+        for split in ("valid", "test")
+      }
+    return self._eval_windows
+
+  def evaluate(self, evaluator: training.Evaluator) -> dict[str, float]:
+    record = {}
+    for split, windows in self.evaluation_windows(evaluator.num_devices).items():
+      batches = (
+        {"inputs": windows.inputs[w], "targets": windows.targets[w], "weights": windows.weights[w]}
+        for w in range(windows.inputs.shape[0])
+      )
+      sums = evaluator.run(batches, self.init_carry(windows.inputs.shape[1]))
+      loss = sums["loss"] / sums["count"]
+      record[f"{split}_loss"] = loss
+      record[f"{split}_ppl"] = _perplexity(loss)
+    return record
+
+
+def train_and_evaluate(
+  config: Config, corpus: input_pipeline.Corpus | None = None
+) -> list[dict[str, Any]]:
+  """Trains a language model on PTB as ``config`` says; returns the per-epoch records.
+
+  Args:
+    config: the run's settings.
+    corpus: the encoded corpus, or None to load it from ``config.data_dir`` (tests pass their own).
+
+  Returns:
+    One dict per epoch with ``epoch``, ``step``, ``lr``, ``train_loss``, ``train_ppl``,
+    ``valid_loss``, ``valid_ppl``, ``test_loss``, ``test_ppl``, ``epoch_seconds``,
+    ``tokens_per_second`` and a few more (as in ``WORKDIR/metrics.jsonl``).
+
+  Raises:
+    ValueError: for an unknown model or optimizer name (listing the valid ones), or bad settings.
+    input_pipeline.DataError: for missing or inconsistent data.
+  """
+  # Fail on a bad name before spending seconds on reading the data.
+  models.get_spec(config.model, tie_weights=config.tie_weights)
+  if config.optimizer not in optimizers.NAMES:
+    raise ValueError(
+      f"unknown optimizer {config.optimizer!r}; valid: {', '.join(optimizers.NAMES)}"
+    )
+  if corpus is None:
+    corpus = input_pipeline.load(config.data_dir, config.train_tokens)
+  elif config.train_tokens is not None:
+    corpus = corpus._replace(train=corpus.train[: config.train_tokens])
+  return training.train(PtbTask(config, corpus), config)
