@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByAdaboundState(NamedTuple):
@@ -106,9 +106,9 @@ def scale_by_adabound(
   def init_fn(params: optax.Params) -> ScaleByAdaboundState:
     return ScaleByAdaboundState(
         count=jnp.zeros([], jnp.int32),
-        mu=_padam.zeros_moment(params, mu_dtype),
-        nu=_padam.zeros_moment(params),
-        nu_max=_padam.zeros_moment(params) if amsbound else None,
+        mu=_common.zeros_moment(params, mu_dtype),
+        nu=_common.zeros_moment(params),
+        nu_max=_common.zeros_moment(params) if amsbound else None,
     )
 
   def update_fn(
@@ -119,16 +119,16 @@ def scale_by_adabound(
     del params
     count_inc = optax.safe_increment(state.count)
     t = count_inc.astype(jnp.float32)
-    lr = jnp.asarray(_padam.evaluate(learning_rate, state.count), jnp.float32)
-    lr0 = jnp.asarray(_padam.evaluate(learning_rate, jnp.zeros([], jnp.int32)), jnp.float32)
+    lr = jnp.asarray(_common.evaluate(learning_rate, state.count), jnp.float32)
+    lr0 = jnp.asarray(_common.evaluate(learning_rate, jnp.zeros([], jnp.int32)), jnp.float32)
     final = jnp.asarray(final_lr, jnp.float32) * lr / lr0
     g_t = jnp.asarray(gamma, jnp.float32) * t
     lower = final * (1.0 - 1.0 / (g_t + 1.0))
     upper = final * (1.0 + 1.0 / g_t)
-    step_size = lr * _padam.bias_correction_factor(b1, b2, count_inc)
+    step_size = lr * _common.bias_correction_factor(b1, b2, count_inc)
 
-    mu = jax.tree.map(lambda g, m: _partial_common.ema(b1, g, m, 1), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: _partial_common.ema(b2, g, v, 2), updates, state.nu)
+    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: _common.ema(b2, g, v, 2), updates, state.nu)
     if amsbound:
       nu_max = jax.tree.map(lambda old, v: jnp.maximum(old.astype(v.dtype), v), state.nu_max, nu)
       denominators = nu_max

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _power, _validation
-
-ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialAmsgradState(NamedTuple):
@@ -29,60 +27,6 @@ class ScaleByPartialAmsgradState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   nu_max: optax.Updates
-
-
-def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
-  """Returns a hyperparameter at a step: a schedule called on ``count``, a number as is."""
-  return value(count) if callable(value) else value
-
-
-def one_minus_power(decay: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
-  """``1 - decay**t`` in float32 without the cancellation of the direct form.
-
-  ``1 - 0.999**t`` loses ~5 significant digits in float32 at small ``t`` (0.999
-  itself is only float32-exact to 1e-8); ``-expm1(t * log(decay))`` with the
-  logarithm taken in double precision when ``decay`` is a Python number keeps it
-  to float32 round-off, as the reference code's float64 arithmetic does.
-  """
-  value = _validation.concrete_float(decay)
-  if value is not None:
-    if value == 0.0:
-      return jnp.ones_like(t)
-    log_decay = jnp.asarray(math.log(value), jnp.float32)
-  else:
-    log_decay = jnp.log(jnp.asarray(decay, jnp.float32))
-  return -jnp.expm1(t * log_decay)
-
-
-def bias_correction_factor(
-    b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
-) -> jax.Array:
-  """Adam's ``sqrt(1 - b2^t) / (1 - b1^t)`` in float32, for ``t = count >= 1``."""
-  t = count.astype(jnp.float32)
-  return jnp.sqrt(one_minus_power(b2, t)) / one_minus_power(b1, t)
-
-
-def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
-  """The dtype moments are kept in: ``dtype`` if inexact, else JAX's default float.
-
-  Integer parameters get float moments and float updates, as Optax's own
-  optimizers produce.
-  """
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.inexact):
-    return dtype
-  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float_))
-
-
-def zeros_moment(params: optax.Params, dtype: jax.typing.DTypeLike | None = None) -> optax.Params:
-  """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`."""
-  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype or float_dtype(x.dtype)), params)
-
-
-def eps_may_be_zero(eps: Any) -> bool:
-  """Whether ``eps`` may be zero at run time, so ``0 ** -q`` must be guarded."""
-  value = _validation.concrete_float(eps)
-  return value is None or value == 0.0
 
 
 def scale_by_partial_amsgrad(
@@ -159,14 +103,14 @@ def scale_by_partial_amsgrad(
   _validation.check_betas(b1, b2)
   _validation.check_interval("eps", eps, 0.0)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  guard_zero = eps_may_be_zero(eps)
+  guard_zero = _common.eps_may_be_zero(eps)
 
   def init_fn(params: optax.Params) -> ScaleByPartialAmsgradState:
     return ScaleByPartialAmsgradState(
         count=jnp.zeros([], jnp.int32),
-        mu=zeros_moment(params, mu_dtype),
-        nu=zeros_moment(params),
-        nu_max=zeros_moment(params),
+        mu=_common.zeros_moment(params, mu_dtype),
+        nu=_common.zeros_moment(params),
+        nu_max=_common.zeros_moment(params),
     )
 
   def update_fn(
@@ -176,30 +120,20 @@ def scale_by_partial_amsgrad(
   ) -> tuple[optax.Updates, ScaleByPartialAmsgradState]:
     del params
     count_inc = optax.safe_increment(state.count)
-    two_p = 2 * evaluate(p, state.count)
-    scale = bias_correction_factor(b1, b2, count_inc) if bias_correction else None
+    two_p = 2 * _common.evaluate(p, state.count)
+    scale = _common.bias_correction_factor(b1, b2, count_inc) if bias_correction else None
 
-    def moment(decay, g, old, order):
-      dtype = float_dtype(g.dtype)
-      g = g.astype(dtype)
-      # 1 - decay before rounding to float32: 1 - float32(0.999) is off by 1e-5.
-      weight = jnp.asarray(1 - decay, dtype)
-      return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * (g if order == 1 else g * g)
-
-    mu = jax.tree.map(lambda g, m: moment(b1, g, m, 1), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: moment(b2, g, v, 2), updates, state.nu)
+    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: _common.ema(b2, g, v, 2), updates, state.nu)
     nu_max = jax.tree.map(  # max of the raw v, not of the bias-corrected one
         lambda old, v: jnp.maximum(old.astype(v.dtype), v), state.nu_max, nu
     )
 
     def step(m, v_max):
       denom = jnp.sqrt(v_max) + jnp.asarray(eps, m.dtype)
-      out = m * _power.inverse_power(denom, two_p)
-      if scale is not None:
-        out = scale.astype(m.dtype) * out
-      if guard_zero:  # vhat = 0 only where every gradient was 0, so m = 0 too
-        out = jnp.where(denom == 0, jnp.zeros_like(out), out)
-      return out
+      # vhat = 0 only where every gradient was 0, so m = 0 too: no step there.
+      out = _common.partial_divide(m, denom, two_p, guard_zero=guard_zero)
+      return out if scale is None else scale.astype(m.dtype) * out
 
     steps = jax.tree.map(step, mu, nu_max)
     return steps, ScaleByPartialAmsgradState(

@@ -9,7 +9,7 @@ import jax
 import optax
 
 from padam_jax import _padam, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax._common import ScalarOrSchedule
 
 
 def padamw(

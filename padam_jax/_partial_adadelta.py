@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialAdadeltaState(NamedTuple):
@@ -85,8 +85,8 @@ def scale_by_partial_adadelta(
   def init_fn(params: optax.Params) -> ScaleByPartialAdadeltaState:
     return ScaleByPartialAdadeltaState(
         count=jnp.zeros([], jnp.int32),
-        e_g=_padam.zeros_moment(params),
-        e_x=_padam.zeros_moment(params),
+        e_g=_common.zeros_moment(params),
+        e_x=_common.zeros_moment(params),
     )
 
   def update_fn(
@@ -95,18 +95,18 @@ def scale_by_partial_adadelta(
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByPartialAdadeltaState]:
     del params
-    two_p = 2 * _padam.evaluate(p, state.count)
-    e_g = jax.tree.map(lambda g, s: _partial_common.ema(rho, g, s, 2), updates, state.e_g)
+    two_p = 2 * _common.evaluate(p, state.count)
+    e_g = jax.tree.map(lambda g, s: _common.ema(rho, g, s, 2), updates, state.e_g)
 
     def step(g, cur_e_g, prev_e_x):
       e = jnp.asarray(eps, cur_e_g.dtype)
       ratio = jnp.sqrt(cur_e_g + e) / jnp.sqrt(prev_e_x + e)  # > 0 since eps > 0
-      return _partial_common.partial_divide(
+      return _common.partial_divide(
           g.astype(cur_e_g.dtype), ratio, two_p, guard_zero=False
       )
 
     steps = jax.tree.map(step, updates, e_g, state.e_x)
-    e_x = jax.tree.map(lambda u, s: _partial_common.ema(rho, u, s, 2), steps, state.e_x)
+    e_x = jax.tree.map(lambda u, s: _common.ema(rho, u, s, 2), steps, state.e_x)
     return steps, ScaleByPartialAdadeltaState(
         count=optax.safe_increment(state.count), e_g=e_g, e_x=e_x
     )

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialRssState(NamedTuple):
@@ -71,12 +71,12 @@ def scale_by_partial_rss(
     _validation.check_partial_power(p)
   _validation.check_interval("initial_accumulator_value", initial_accumulator_value, 0.0)
   _validation.check_interval("eps", eps, 0.0)
-  guard_zero = _padam.eps_may_be_zero(eps) and _padam.eps_may_be_zero(initial_accumulator_value)
+  guard_zero = _common.eps_may_be_zero(eps) and _common.eps_may_be_zero(initial_accumulator_value)
 
   def init_fn(params: optax.Params) -> ScaleByPartialRssState:
     sums = jax.tree.map(
         lambda x: jnp.full_like(
-            x, initial_accumulator_value, dtype=_padam.float_dtype(x.dtype)
+            x, initial_accumulator_value, dtype=_common.float_dtype(x.dtype)
         ),
         params,
     )
@@ -88,7 +88,7 @@ def scale_by_partial_rss(
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByPartialRssState]:
     del params
-    two_p = 2 * _padam.evaluate(p, state.count)
+    two_p = 2 * _common.evaluate(p, state.count)
 
     def accumulate(g, s):
       g = g.astype(s.dtype)
@@ -98,7 +98,7 @@ def scale_by_partial_rss(
 
     def step(g, s):
       denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
-      return _partial_common.partial_divide(
+      return _common.partial_divide(
           g.astype(s.dtype), denom, two_p, guard_zero=guard_zero
       )
 

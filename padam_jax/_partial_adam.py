@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialAdamState(NamedTuple):
@@ -85,13 +85,13 @@ def scale_by_partial_adam(
   _validation.check_betas(b1, b2)
   _validation.check_interval("eps", eps, 0.0)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  guard_zero = _padam.eps_may_be_zero(eps)
+  guard_zero = _common.eps_may_be_zero(eps)
 
   def init_fn(params: optax.Params) -> ScaleByPartialAdamState:
     return ScaleByPartialAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=_padam.zeros_moment(params, mu_dtype),
-        nu=_padam.zeros_moment(params),
+        mu=_common.zeros_moment(params, mu_dtype),
+        nu=_common.zeros_moment(params),
     )
 
   def update_fn(
@@ -101,14 +101,14 @@ def scale_by_partial_adam(
   ) -> tuple[optax.Updates, ScaleByPartialAdamState]:
     del params
     count_inc = optax.safe_increment(state.count)
-    two_p = 2 * _padam.evaluate(p, state.count)
-    scale = _padam.bias_correction_factor(b1, b2, count_inc) if bias_correction else None
-    mu = jax.tree.map(lambda g, m: _partial_common.ema(b1, g, m, 1), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: _partial_common.ema(b2, g, v, 2), updates, state.nu)
+    two_p = 2 * _common.evaluate(p, state.count)
+    scale = _common.bias_correction_factor(b1, b2, count_inc) if bias_correction else None
+    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: _common.ema(b2, g, v, 2), updates, state.nu)
 
     def step(m, v):
       denom = jnp.sqrt(v) + jnp.asarray(eps, v.dtype)
-      out = _partial_common.partial_divide(m, denom, two_p, guard_zero=guard_zero)
+      out = _common.partial_divide(m, denom, two_p, guard_zero=guard_zero)
       return out if scale is None else scale.astype(out.dtype) * out
 
     return jax.tree.map(step, mu, nu), ScaleByPartialAdamState(

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialAdamaxState(NamedTuple):
@@ -84,13 +84,13 @@ def scale_by_partial_adamax(
   _validation.check_betas(b1, b2)
   _validation.check_interval("eps", eps, 0.0)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  guard_zero = _padam.eps_may_be_zero(eps)
+  guard_zero = _common.eps_may_be_zero(eps)
 
   def init_fn(params: optax.Params) -> ScaleByPartialAdamaxState:
     return ScaleByPartialAdamaxState(
         count=jnp.zeros([], jnp.int32),
-        mu=_padam.zeros_moment(params, mu_dtype),
-        nu=_padam.zeros_moment(params),
+        mu=_common.zeros_moment(params, mu_dtype),
+        nu=_common.zeros_moment(params),
     )
 
   def update_fn(
@@ -100,8 +100,8 @@ def scale_by_partial_adamax(
   ) -> tuple[optax.Updates, ScaleByPartialAdamaxState]:
     del params
     count_inc = optax.safe_increment(state.count)
-    two_p = 2 * _padam.evaluate(p, state.count)
-    mu = jax.tree.map(lambda g, m: _partial_common.ema(b1, g, m, 1), updates, state.mu)
+    two_p = 2 * _common.evaluate(p, state.count)
+    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
 
     def infinity_norm(g, u):
       g = g.astype(u.dtype)
@@ -109,12 +109,12 @@ def scale_by_partial_adamax(
 
     nu = jax.tree.map(infinity_norm, updates, state.nu)
     if bias_correction:
-      correction = 1.0 / _padam.one_minus_power(b1, count_inc.astype(jnp.float32))
+      correction = 1.0 / _common.one_minus_power(b1, count_inc.astype(jnp.float32))
     else:
       correction = None
 
     def step(m, u):
-      out = _partial_common.partial_divide(m, u, two_p, guard_zero=guard_zero)
+      out = _common.partial_divide(m, u, two_p, guard_zero=guard_zero)
       return out if correction is None else correction.astype(out.dtype) * out
 
     return jax.tree.map(step, mu, nu), ScaleByPartialAdamaxState(

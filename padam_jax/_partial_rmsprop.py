@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _padam, _partial_common, _validation
-from padam_jax._padam import ScalarOrSchedule
+from padam_jax import _common, _validation
+from padam_jax._common import ScalarOrSchedule
 
 
 class ScaleByPartialRmsState(NamedTuple):
@@ -74,11 +74,11 @@ def scale_by_partial_rms(
   _validation.check_interval("decay", decay, 0.0, 1.0, high_open=True)
   _validation.check_interval("eps", eps, 0.0)
   _validation.check_interval("initial_scale", initial_scale, 0.0)
-  guard_zero = _padam.eps_may_be_zero(eps) and _padam.eps_may_be_zero(initial_scale)
+  guard_zero = _common.eps_may_be_zero(eps) and _common.eps_may_be_zero(initial_scale)
 
   def init_fn(params: optax.Params) -> ScaleByPartialRmsState:
     nu = jax.tree.map(
-        lambda x: jnp.full_like(x, initial_scale, dtype=_padam.float_dtype(x.dtype)), params
+        lambda x: jnp.full_like(x, initial_scale, dtype=_common.float_dtype(x.dtype)), params
     )
     return ScaleByPartialRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
 
@@ -88,12 +88,12 @@ def scale_by_partial_rms(
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByPartialRmsState]:
     del params
-    two_p = 2 * _padam.evaluate(p, state.count)
-    nu = jax.tree.map(lambda g, v: _partial_common.ema(decay, g, v, 2), updates, state.nu)
+    two_p = 2 * _common.evaluate(p, state.count)
+    nu = jax.tree.map(lambda g, v: _common.ema(decay, g, v, 2), updates, state.nu)
 
     def step(g, v):
       denom = jnp.sqrt(v) + jnp.asarray(eps, v.dtype)
-      return _partial_common.partial_divide(
+      return _common.partial_divide(
           g.astype(v.dtype), denom, two_p, guard_zero=guard_zero
       )
 

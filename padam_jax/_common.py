@@ -1,0 +1,97 @@
+"""Pieces shared by every rule: hyperparameter evaluation, moments, bias correction, partial division."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from padam_jax import _power, _validation
+
+ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
+
+
+def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
+  """Returns a hyperparameter at a step: a schedule called on ``count``, a number as is."""
+  return value(count) if callable(value) else value
+
+
+def one_minus_power(decay: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
+  """``1 - decay**t`` in float32 without the cancellation of the direct form.
+
+  ``1 - 0.999**t`` loses ~5 significant digits in float32 at small ``t`` (0.999
+  itself is only float32-exact to 1e-8); ``-expm1(t * log(decay))`` with the
+  logarithm taken in double precision when ``decay`` is a Python number keeps it
+  to float32 round-off, as the reference code's float64 arithmetic does.
+  """
+  value = _validation.concrete_float(decay)
+  if value is not None:
+    if value == 0.0:
+      return jnp.ones_like(t)
+    log_decay = jnp.asarray(math.log(value), jnp.float32)
+  else:
+    log_decay = jnp.log(jnp.asarray(decay, jnp.float32))
+  return -jnp.expm1(t * log_decay)
+
+
+def bias_correction_factor(
+    b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
+) -> jax.Array:
+  """Adam's ``sqrt(1 - b2^t) / (1 - b1^t)`` in float32, for ``t = count >= 1``."""
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(one_minus_power(b2, t)) / one_minus_power(b1, t)
+
+
+def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+  """The dtype moments are kept in: ``dtype`` if inexact, else JAX's default float.
+
+  Integer parameters get float moments and float updates, as Optax's own
+  optimizers produce.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return dtype
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float_))
+
+
+def zeros_moment(params: optax.Params, dtype: jax.typing.DTypeLike | None = None) -> optax.Params:
+  """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`."""
+  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype or float_dtype(x.dtype)), params)
+
+
+def eps_may_be_zero(eps: Any) -> bool:
+  """Whether ``eps`` may be zero at run time, so ``0 ** -q`` must be guarded."""
+  value = _validation.concrete_float(eps)
+  return value is None or value == 0.0
+
+
+def ema(decay: jax.typing.ArrayLike, g: jax.Array, old: jax.Array, order: int) -> jax.Array:
+  """``decay * old + (1 - decay) * g**order`` in the gradient's float dtype."""
+  dtype = float_dtype(g.dtype)
+  g = g.astype(dtype)
+  # 1 - decay before rounding to float32, as in Padam: 1 - float32(0.999) is off by 1e-5.
+  weight = jnp.asarray(1 - decay, dtype)
+  return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * (g if order == 1 else g * g)
+
+
+def partial_divide(
+    numerator: jax.Array,
+    denominator: jax.Array,
+    two_p: jax.typing.ArrayLike,
+    *,
+    guard_zero: bool,
+) -> jax.Array:
+  """``numerator / denominator ** two_p`` through :func:`padam_jax._power.inverse_power`.
+
+  With ``guard_zero`` a zero denominator gives a zero result: the rules only
+  meet ``0 ** -q`` where every gradient so far was zero, so the numerator is
+  zero as well and ``0 / 0`` means "no step".
+  """
+  out = numerator * _power.inverse_power(denominator, two_p)
+  if guard_zero:
+    out = jnp.where(denominator == 0, jnp.zeros_like(out), out)
+  return out
