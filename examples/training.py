@@ -501,8 +501,6 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       }
       checkpoints.save(epoch, state, meta)
       results.append_metrics(workdir, record)
-      if not config.progress:
-        continue
       shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
       print(f"epoch {epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
   finally:

@@ -197,3 +197,17 @@ def test_read_metrics_errors(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
   with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
     results.read_metrics(tmp_path)
+
+
+def test_plot_reads_metrics_and_writes_png(tmp_path):
+  from examples import plot
+
+  for name, loss in (("a", 2.0), ("b", 1.5)):
+    (tmp_path / name).mkdir()
+    results.write_metrics(tmp_path / name, [
+        {"epoch": e, "train_loss": loss / e, "test_acc": 0.1 * e} for e in (1, 2, 3)])
+  out = tmp_path / "fig" / "curves.png"
+  plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--labels", "A", "B"])
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="labels"):
+    plot.plot([str(tmp_path / "a")], str(out), labels=["A", "B"])

@@ -1,0 +1,104 @@
+"""Training throughput of the CIFAR-10 models, with and without XLA:CPU's XNNPACK kernels.
+
+Each measurement is one run of the trainer itself, in a fresh process (XLA reads its flags at
+start-up): ``python -m examples.cifar10 --model M --epochs 1 --train-size STEPS*BATCH ...``; the
+figure is that run's ``images_per_second`` (compilation excluded). The 1-minute load average is
+recorded before and after each run, since on a shared machine other work slows it down::
+
+  python -m examples.cifar10.speed --models resnet8 resnet20 --steps 20 \\
+      --data-dir ../shared/data --out examples/results/cifar10-cpu-speed.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from examples import results
+
+
+def measure(
+  model: str, steps: int, batch_size: int, data_dir: str | None, xnnpack: bool, optimizer: str
+) -> dict:
+  with tempfile.TemporaryDirectory() as workdir:
+    command = [
+      sys.executable,
+      "-m",
+      "examples.cifar10",
+      "--model",
+      model,
+      "--optimizer",
+      optimizer,
+      "--epochs",
+      "1",
+      "--batch-size",
+      str(batch_size),
+      "--train-size",
+      str(steps * batch_size),
+      "--test-size",
+      "100",
+      "--workdir",
+      workdir,
+      "--no-progress",
+    ]
+    if data_dir:
+      command += ["--data-dir", data_dir]
+    if not xnnpack:
+      command.append("--no-xnnpack")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xnnpack" not in f)
+    load_before = os.getloadavg()[0]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    load_after = os.getloadavg()[0]
+    (record,) = results.read_metrics(workdir)
+    run = results.read_run(workdir)
+  return {
+    "model": model,
+    "xnnpack": xnnpack,
+    "batch_size": batch_size,
+    "steps": steps,
+    "images_per_second": record["images_per_second"],
+    "train_seconds": record["train_seconds"],
+    "num_params": run["num_params"],
+    "load_before": load_before,
+    "load_after": load_after,
+    "cpus": os.cpu_count(),
+    "command": " ".join(command[1:]).replace(workdir, "TMP"),
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m examples.cifar10.speed", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument("--models", nargs="+", default=["resnet8", "resnet20"])
+  parser.add_argument("--steps", type=int, default=20, help="training steps per measurement")
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--optimizer", default="padam")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--xnnpack", choices=["both", "on", "off"], default="both")
+  parser.add_argument("--out", default=None, help="append one JSON line per measurement here")
+  args = parser.parse_args(argv)
+  settings = {"both": (False, True), "on": (True,), "off": (False,)}[args.xnnpack]
+  print("| model | params | XNNPACK | images/s | load (1 min) before/after |")
+  print("|---|---:|---|---:|---|")
+  for model in args.models:
+    for xnnpack in settings:
+      row = measure(model, args.steps, args.batch_size, args.data_dir, xnnpack, args.optimizer)
+      print(
+        f"| {model} | {row['num_params']:,} | {'on' if xnnpack else 'off'} | {row['images_per_second']:.1f} | "
+        f"{row['load_before']:.1f} / {row['load_after']:.1f} |",
+        flush=True,
+      )
+      if args.out:
+        with open(args.out, "a") as f:
+          f.write(json.dumps(row) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
