@@ -1,9 +1,9 @@
 """LSTM language models for Penn Treebank, in Flax NNX.
 
 The paper trains "2-layer" and "3-layer" LSTMs on PTB without giving their sizes, and its reference
-code has no language model (REFERENCE.md §2). Its test perplexities (58-64) are those of a regularized
-model in the style of AWD-LSTM (Merity et al., 2018, 60.0 without fine-tuning), and its batch size
-of 20 is AWD-LSTM's for PTB. So:
+code has no language model (REFERENCE.md §2). Its test perplexities (58-64) are those of a
+regularized model in the style of AWD-LSTM (Merity et al., 2018: 58.8 before fine-tuning), and its
+batch size of 20 is AWD-LSTM's for PTB. So:
 
 - ``lstm2`` / ``lstm3`` (paper scale): AWD-LSTM's PTB model with 2 or 3 layers: embedding 400,
   hidden 1150 with the last layer 400 so that the softmax can share the embedding matrix (tied),
