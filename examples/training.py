@@ -178,6 +178,14 @@ class Task:
     """
     raise NotImplementedError
 
+  def checkpoint_state(self) -> dict[str, Any]:
+    """Task state to save with each checkpoint (JSON-serialisable); none by default."""
+    return {}
+
+  def restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+    """Restores what :meth:`checkpoint_state` saved, when a run resumes."""
+    del state
+
   def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
     """Turns an epoch's summed training metrics into the logged ones (``loss`` -> ``train_loss``).
 
@@ -403,6 +411,7 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     _check_same_run(meta["config"], config_json, workdir)
     root = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     history = list(meta["history"])
+    task.restore_checkpoint_state(meta.get("task", {}))
     start_epoch = int(meta["epoch"]) + 1
     results.write_metrics(workdir, history)
     print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
@@ -419,7 +428,6 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
   }
   (workdir / results.RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
 
-  evaluator = Evaluator(eval_jit, None, shard, num_devices)
   compiled = None
   last_epoch = (
     config.epochs
@@ -477,8 +485,7 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       if bar is not None:
         bar.close()
       eval_start = time.perf_counter()
-      evaluator._state = state
-      evaluation = task.evaluate(evaluator)
+      evaluation = task.evaluate(Evaluator(eval_jit, state, shard, num_devices))
       eval_seconds = time.perf_counter() - eval_start
       record = {
         "epoch": epoch,
@@ -498,6 +505,7 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
         "history": history,
         "config": config_json,
         "rng": np.asarray(jax.random.key_data(root)).tolist(),
+        "task": task.checkpoint_state(),
       }
       checkpoints.save(epoch, state, meta)
       results.append_metrics(workdir, record)

@@ -49,15 +49,22 @@ class ToyTask(training.Task):
     self.train_size = n
     self.steps_per_epoch = n // batch_size
     self.poison_epoch = poison_epoch
-    self.carries_seen = []
+    self.epochs_started = 0  # task state kept in the checkpoints
 
   def init_model(self, rngs):
     return ToyNet(rngs)
+
+  def checkpoint_state(self):
+    return {"epochs_started": self.epochs_started}
+
+  def restore_checkpoint_state(self, state):
+    self.epochs_started = state["epochs_started"]
 
   def init_carry(self, batch_size):
     return jnp.zeros((batch_size,), jnp.float32)
 
   def train_batches(self, epoch, rng):
+    self.epochs_started += 1
     order = np.asarray(jax.random.permutation(rng, self.train_size))
     for step in range(self.steps_per_epoch):
       index = order[step * self.batch_size : (step + 1) * self.batch_size]
@@ -138,9 +145,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
   cfg = config(tmp_path, "parts", epochs=3)
   first = training.train(ToyTask(), dataclasses.replace(cfg, stop_after_epoch=1))
   assert len(first) == 1
-  resumed = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
+  task = ToyTask()
+  resumed = training.train(task, dataclasses.replace(cfg, resume=True))
   assert without_timing(resumed) == without_timing(full)
   assert without_timing(results.read_metrics(cfg.workdir)) == without_timing(full)
+  assert task.epochs_started == 3  # 1 restored from the checkpoint + 2 run here
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_old_checkpoints(tmp_path):
