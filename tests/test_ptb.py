@@ -325,10 +325,20 @@ def run_config(tmp_path, name="run", **kwargs):
   return train.Config(**{**base, **kwargs})
 
 
-@pytest.mark.standard_promotion  # optax's step-decay schedule compares a float with an int32 step
-def test_tiny_model_learns_a_repeated_pattern(tmp_path):
-  corpus = pattern_corpus()
-  history = train.train_and_evaluate(run_config(tmp_path, epochs=4), corpus)
+@pytest.fixture(scope="module")
+def pattern_run(tmp_path_factory):
+  """A 4-epoch run on the repeated pattern, shared by the tests that read it (compiling is slow)."""
+  # Module scope: outside the per-test strict promotion, which optax's step-decay schedule (a float
+  # compared with an int32 step) does not satisfy.
+  with pytest.MonkeyPatch.context() as patch:
+    for name, spec in TEST_SPECS.items():
+      patch.setitem(models.MODELS, name, spec)
+    config = run_config(tmp_path_factory.mktemp("pattern"), epochs=4)
+    return config, train.train_and_evaluate(config, pattern_corpus())
+
+
+def test_tiny_model_learns_a_repeated_pattern(pattern_run):
+  config, history = pattern_run
   first, last = history[0], history[-1]
   assert first["train_ppl"] > 3.0  # about uniform over 9 words at the start
   # Every word follows from the two before it; only the first words of each row are guesses.
@@ -338,8 +348,22 @@ def test_tiny_model_learns_a_repeated_pattern(tmp_path):
     assert key in last
   assert last["tokens_per_second"] > 0 and last["epoch_seconds"] > 0
   np.testing.assert_allclose(last["valid_ppl"], np.exp(last["valid_loss"]))
-  run = results.read_run(tmp_path / "run")
+  run = results.read_run(config.workdir)
   assert run["optimizer"]["task"] == "ptb2" and run["optimizer"]["optimizer"] == "adam"
+
+
+@pytest.mark.standard_promotion
+def test_two_devices_match_one(pattern_run, tmp_path):
+  # The batch rows and the carried LSTM state are split over the devices; the numbers stay the same.
+  assert len(jax.devices()) >= 2, "tests/conftest.py forces 8 host devices"
+  config, history = pattern_run
+  two = dataclasses.replace(config, workdir=str(tmp_path / "two"), devices=2, stop_after_epoch=1)
+  (record,) = train.train_and_evaluate(two, pattern_corpus())
+  assert len(results.read_run(two.workdir)["devices"]) == 2
+  a, b = without_timing(history)[0], without_timing([record])[0]
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
 
 
 @pytest.mark.standard_promotion
