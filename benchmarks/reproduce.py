@@ -29,6 +29,7 @@ from examples import results
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PAPER_SEVEN = ("sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam")
+FIRST = ("padam", "sgdm", "adam", "amsgrad")
 
 # The paper's final-epoch numbers (REFERENCE.md §2), by model and optimizer.
 PAPER_CIFAR10_ACC = {
@@ -197,6 +198,8 @@ def run_grid(
   config_fields = {**protocol.config, **(overrides or {})}
   epochs = config_fields["epochs"]
   variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
+  # The optimizers the paper's claims are about go first, so a grid cut short has them.
+  variants.sort(key=lambda v: FIRST.index(v.optimizer) if v.optimizer in FIRST else len(FIRST))
   if only and not variants:
     valid = ", ".join(v.label for v in protocol.variants)
     raise ValueError(f"--only {list(only)} matches no run of {protocol.name}; valid: {valid}")
