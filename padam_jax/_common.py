@@ -95,3 +95,19 @@ def partial_divide(
   if guard_zero:
     out = jnp.where(denominator == 0, jnp.zeros_like(out), out)
   return out
+
+
+def coupled_l2(
+    scale: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    mask: Any,
+) -> optax.GradientTransformation:
+  """The aliases' chain: coupled L2 (added to the gradient, as the reference code does), the
+  rule's rescaling, then the learning rate. Checks ``weight_decay >= 0``."""
+  _validation.check_interval("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale,
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -213,11 +213,7 @@ def padam(
     Gradient Methods in Training Deep Neural Networks
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
   """
-  _validation.check_interval("weight_decay", weight_decay, 0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
-      scale_by_partial_amsgrad(
-          p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
-      ),
-      optax.scale_by_learning_rate(learning_rate),
+  return _common.coupled_l2(
+      scale_by_partial_amsgrad(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+      learning_rate, weight_decay, mask,
   )

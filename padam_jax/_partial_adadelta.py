@@ -158,9 +158,7 @@ def partial_adadelta(
     Zeiler, `ADADELTA: An Adaptive Learning Rate Method
     <https://arxiv.org/abs/1212.5701>`_, 2012.
   """
-  _validation.check_interval("weight_decay", weight_decay, 0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _common.coupled_l2(
       scale_by_partial_adadelta(p, rho, eps),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )

@@ -159,9 +159,7 @@ def partial_adagrad(
     Duchi, Hazan, Singer, `Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
   """
-  _validation.check_interval("weight_decay", weight_decay, 0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _common.coupled_l2(
       scale_by_partial_rss(p, initial_accumulator_value, eps),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )

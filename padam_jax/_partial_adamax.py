@@ -181,9 +181,7 @@ def partial_adamax(
     Kingma, Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Section 7.1, AdaMax).
   """
-  _validation.check_interval("weight_decay", weight_decay, 0.0)
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _common.coupled_l2(
       scale_by_partial_adamax(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
