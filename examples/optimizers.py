@@ -268,13 +268,6 @@ def _jsonable(value: Any) -> Any:
   return repr(value)  # a schedule passed as an override, e.g. p
 
 
-def _library(attr: str) -> Callable[..., optax.GradientTransformation]:
-  fn = getattr(padam_jax, attr, None)
-  if fn is None:
-    raise NotImplementedError(f"padam_jax.{attr} is not available in this version")
-  return fn
-
-
 def _l2(hp: Mapping[str, Any], tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """Coupled L2: ``weight_decay * x`` added to the gradient before ``tx``."""
   return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), tx)
@@ -306,7 +299,7 @@ def _yogi(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformatio
 
 def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
   def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-    return _library(attr)(lr, final_lr=hp["final_lr"], b1=hp["b1"], b2=hp["b2"],
+    return getattr(padam_jax, attr)(lr, final_lr=hp["final_lr"], b1=hp["b1"], b2=hp["b2"],
                           eps=hp["eps"], gamma=hp["gamma"], weight_decay=hp["weight_decay"])
   return build
 
@@ -319,7 +312,7 @@ def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformati
 def _family(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
   def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
     kwargs = {k: v for k, v in hp.items() if k != "learning_rate"}
-    return _library(attr)(lr, **kwargs)
+    return getattr(padam_jax, attr)(lr, **kwargs)
   return build
 
 
