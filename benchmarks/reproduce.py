@@ -50,6 +50,7 @@ class Variant:
   label: str
   optimizer: str
   hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  run: str | None = None  # the run folder's name when it is not the label's (a run shared by protocols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _seven() -> tuple[Variant, ...]:
 _P_SWEEP = (
     Variant("padam p=1/2", "padam", {"p": 0.5}),
     Variant("padam p=1/4", "padam", {"p": 0.25}),
-    Variant("padam", "padam"),  # p = 1/8, the registry's default: the same run as cifar10-mini's
+    Variant("padam p=1/8", "padam", run="padam"),  # the registry's default: cifar10-mini's run
     Variant("padam p=1/16", "padam", {"p": 0.0625}),
     Variant("sgdm", "sgdm"),  # p -> 0
 )
@@ -163,7 +164,7 @@ def _slug(label: str) -> str:
 
 
 def run_dir(protocol: Protocol, variant: Variant, seed: int, root: pathlib.Path = RESULTS) -> pathlib.Path:
-  return root / "runs" / protocol.setting / f"{_slug(variant.label)}-seed{seed}"
+  return root / "runs" / protocol.setting / f"{_slug(variant.run or variant.label)}-seed{seed}"
 
 
 def _trainer(task: str):

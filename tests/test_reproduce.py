@@ -89,9 +89,9 @@ def test_unknown_only_lists_the_valid_labels(tmp_path, data_dir):
 def test_protocols_that_share_a_setting_share_identical_runs():
   mini, sweep = reproduce.PROTOCOLS["cifar10-mini"], reproduce.PROTOCOLS["psweep-mini"]
   assert mini.setting == sweep.setting and mini.config == sweep.config
-  shared = {v.label for v in mini.variants} & {v.label for v in sweep.variants}
-  assert shared == {"padam", "sgdm"}
-  for label in shared:
-    a = next(v for v in mini.variants if v.label == label)
-    b = next(v for v in sweep.variants if v.label == label)
-    assert dataclasses.asdict(a) == dataclasses.asdict(b)
+  dirs = {reproduce.run_dir(mini, v, 0): v for v in mini.variants}
+  shared = [(dirs[reproduce.run_dir(sweep, v, 0)], v) for v in sweep.variants
+            if reproduce.run_dir(sweep, v, 0) in dirs]
+  assert sorted(a.optimizer for a, _ in shared) == ["padam", "sgdm"]
+  for a, b in shared:  # the same folder only for the same optimizer and hyperparameters
+    assert (a.optimizer, dict(a.hparams)) == (b.optimizer, dict(b.hparams))
