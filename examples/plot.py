@@ -25,37 +25,58 @@ def _label(workdir: str) -> str:
     return pathlib.Path(workdir).name
 
 
+def _curves(workdirs: Sequence[str]) -> tuple[list[float], list[list[float]], list[list[float]], str]:
+  """Epochs, train losses and test errors (or perplexities) per run, over the epochs all runs have."""
+  histories = [results.read_metrics(w) for w in workdirs]
+  length = min(len(h) for h in histories)
+  if length == 0:
+    raise ValueError(f"no finished epoch in {', '.join(workdirs)}")
+  epochs = [r["epoch"] for r in histories[0][:length]]
+  image = "test_acc" in histories[0][0]
+  train = [[r["train_loss"] for r in h[:length]] for h in histories]
+  test = [[1.0 - r["test_acc"] if image else r["test_ppl"] for r in h[:length]] for h in histories]
+  return epochs, train, test, "test error" if image else "test perplexity"
+
+
 def plot(
-  workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None, title: str | None = None
+  workdirs: Sequence[str | Sequence[str]],
+  out: str,
+  labels: Sequence[str] | None = None,
+  title: str | None = None,
 ) -> None:
   """Draws the curves of ``workdirs`` side by side and saves them to ``out``.
 
   Args:
-    workdirs: run folders (or metrics files).
+    workdirs: run folders (or metrics files); an entry may also be a list of folders, the seeds
+      of one configuration, drawn as their mean with the range between the lowest and highest
+      seed shaded (over the epochs every seed has).
     out: the PNG to write.
-    labels: one legend entry per run; by default the optimizer (and model) from ``run.json``.
+    labels: one legend entry per entry of ``workdirs``; by default the optimizer (and model)
+      from the first run's ``run.json``.
     title: an optional figure title.
   """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import numpy as np
 
-  labels = list(labels) if labels else [_label(w) for w in workdirs]
-  if len(labels) != len(workdirs):
-    raise ValueError(f"{len(labels)} labels for {len(workdirs)} runs")
+  groups = [[w] if isinstance(w, str | pathlib.Path) else list(w) for w in workdirs]
+  if any(not group for group in groups):
+    raise ValueError("an empty group of runs")
+  labels = list(labels) if labels else [_label(str(group[0])) for group in groups]
+  if len(labels) != len(groups):
+    raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   right_key = None
-  for workdir, label in zip(workdirs, labels, strict=True):
-    history = results.read_metrics(workdir)
-    epochs = [r["epoch"] for r in history]
-    left.plot(epochs, [r["train_loss"] for r in history], marker=".", label=label)
-    if "test_acc" in history[0]:
-      right_key = "test error"
-      right.plot(epochs, [1.0 - r["test_acc"] for r in history], marker=".", label=label)
-    else:
-      right_key = "test perplexity"
-      right.plot(epochs, [r["test_ppl"] for r in history], marker=".", label=label)
+  for group, label in zip(groups, labels, strict=True):
+    epochs, train, test, right_key = _curves([str(w) for w in group])
+    for axis, values in ((left, np.asarray(train)), (right, np.asarray(test))):
+      (line,) = axis.plot(epochs, values.mean(axis=0), marker="." if len(epochs) <= 60 else None,
+                          label=label if len(group) == 1 else f"{label} (mean of {len(group)})")
+      if len(group) > 1:
+        axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(),
+                          alpha=0.2, linewidth=0)
   left.set(xlabel="epoch", ylabel="train loss", yscale="log")
   right.set(xlabel="epoch", ylabel=right_key)
   for axis in (left, right):

@@ -220,3 +220,35 @@ def test_plot_reads_metrics_and_writes_png(tmp_path):
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="labels"):
     plot.plot([str(tmp_path / "a")], str(out), labels=["A", "B"])
+
+
+def test_plot_draws_seed_groups_as_mean_and_range(tmp_path, monkeypatch):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from examples import plot
+
+  for name, scale, epochs in (("s0", 1.0, 4), ("s1", 3.0, 3), ("other", 2.0, 4)):
+    (tmp_path / name).mkdir()
+    results.write_metrics(tmp_path / name, [
+        {"epoch": e, "train_loss": scale / e, "test_acc": 0.1 * scale * e} for e in range(1, epochs + 1)])
+  figures = []
+  monkeypatch.setattr(plt, "close", figures.append)
+  out = tmp_path / "curves.png"
+  plot.plot([[tmp_path / "s0", tmp_path / "s1"], str(tmp_path / "other")], str(out), ["grouped", "single"])
+  assert out.exists()
+  left, right = figures[0].axes
+  grouped, single = left.get_lines()
+  # The group: the epochs both seeds have (3), their mean, and one shaded band.
+  np.testing.assert_allclose(grouped.get_xdata(), [1, 2, 3])
+  np.testing.assert_allclose(grouped.get_ydata(), [2.0 / e for e in (1, 2, 3)])
+  np.testing.assert_allclose(right.get_lines()[0].get_ydata(), [1.0 - 0.2 * e for e in (1, 2, 3)])
+  np.testing.assert_allclose(single.get_ydata(), [2.0 / e for e in (1, 2, 3, 4)])
+  assert grouped.get_label() == "grouped (mean of 2)" and single.get_label() == "single"
+  band = left.collections[0].get_paths()[0].vertices
+  assert band[:, 1].min() == pytest.approx(1.0 / 3) and band[:, 1].max() == pytest.approx(3.0)
+  assert len(left.collections) == 1
+  with pytest.raises(ValueError, match="empty group"):
+    plot.plot([[]], str(out))
