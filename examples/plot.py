@@ -60,6 +60,7 @@ def plot(
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
+  from matplotlib import ticker
 
   groups = [[w] if isinstance(w, str | pathlib.Path) else list(w) for w in workdirs]
   if any(not group for group in groups):
@@ -78,6 +79,9 @@ def plot(
         axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(),
                           alpha=0.2, linewidth=0)
   left.set(xlabel="epoch", ylabel="train loss", yscale="log")
+  # Plain numbers on the log axis ("5.4", not "5.4 x 10^0"), minor ticks labelled on short ranges.
+  left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+  left.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
   right.set(xlabel="epoch", ylabel=right_key)
   for axis in (left, right):
     axis.grid(alpha=0.3)
