@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from examples import results
+from examples import metrics
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PAPER_SEVEN = ("sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam")
@@ -185,7 +185,7 @@ def _trainer(task: str):
 
 def _finished_epochs(workdir: pathlib.Path) -> int:
   try:
-    return len(results.read_metrics(workdir))
+    return len(metrics.read_metrics(workdir))
   except FileNotFoundError:
     return 0
 
@@ -248,7 +248,7 @@ def _collect(protocol: Protocol, seeds: int, root: pathlib.Path) -> dict[str, li
     for seed in range(seeds):
       workdir = run_dir(protocol, variant, seed, root)
       if _finished_epochs(workdir):
-        runs.setdefault(variant.label, []).append(results.read_metrics(workdir))
+        runs.setdefault(variant.label, []).append(metrics.read_metrics(workdir))
   return runs
 
 

@@ -3,7 +3,7 @@
   python -m examples.plot RUN_DIR [RUN_DIR ...] --out curves.png [--labels A B ...]
 
 Each RUN_DIR is a trainer's ``--workdir`` (or its ``metrics.jsonl``), read with
-:func:`examples.results.read_metrics`. Image runs plot ``train_loss`` and ``1 - test_acc``; language
+:func:`examples.metrics.read_metrics`. Image runs plot ``train_loss`` and ``1 - test_acc``; language
 model runs (no ``test_acc``) plot ``train_loss`` and ``test_ppl``.
 """
 
@@ -14,12 +14,12 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from examples import results
+from examples import metrics
 
 
 def _label(workdir: str) -> str:
   try:
-    config = results.read_run(workdir)["config"]
+    config = metrics.read_run(workdir)["config"]
     return f"{config.get('optimizer')} ({config.get('model', '')})".replace(" ()", "")
   except (OSError, KeyError, ValueError):
     return pathlib.Path(workdir).name
@@ -27,7 +27,7 @@ def _label(workdir: str) -> str:
 
 def _curves(workdirs: Sequence[str]) -> tuple[list[float], list[list[float]], list[list[float]], str]:
   """Epochs, train losses and test errors (or perplexities) per run, over the epochs all runs have."""
-  histories = [results.read_metrics(w) for w in workdirs]
+  histories = [metrics.read_metrics(w) for w in workdirs]
   length = min(len(h) for h in histories)
   if length == 0:
     raise ValueError(f"no finished epoch in {', '.join(workdirs)}")

@@ -11,7 +11,7 @@ derived from :class:`LoopConfig`; :func:`train` does the rest, the same way for 
 - a per-epoch carried state (an LSTM's hidden state; ``None`` for feed-forward tasks) that is reset at
   the start of each epoch and threaded through the steps without gradient;
 - an epoch-end evaluation that the task drives (a test set, or whole valid/test token streams);
-- ``WORKDIR/metrics.jsonl`` (one JSON object per epoch, see :mod:`examples.results`), a progress bar,
+- ``WORKDIR/metrics.jsonl`` (one JSON object per epoch, see :mod:`examples.metrics`), a progress bar,
   an Orbax checkpoint after every epoch and exact resumption, a stop on a non-finite loss that keeps
   the last good checkpoint, and the same numbers for the same seed.
 
@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from examples import optimizers, results
+from examples import metrics, optimizers
 
 Batch = Any  # a pytree of arrays whose leading axis is the batch (sharded over "data")
 Carry = Any  # a pytree of arrays whose leading axis is the batch, or None
@@ -413,10 +413,10 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     history = list(meta["history"])
     task.restore_checkpoint_state(meta.get("task", {}))
     start_epoch = int(meta["epoch"]) + 1
-    results.write_metrics(workdir, history)
+    metrics.write_metrics(workdir, history)
     print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
   else:
-    results.write_metrics(workdir, [])
+    metrics.write_metrics(workdir, [])
   run_info = {
     "config": config_json,
     "task": type(task).__name__,
@@ -426,7 +426,7 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     "jax": jax.__version__,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
-  (workdir / results.RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+  (workdir / metrics.RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
 
   compiled = None
   last_epoch = (
@@ -508,7 +508,7 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
         "task": task.checkpoint_state(),
       }
       checkpoints.save(epoch, state, meta)
-      results.append_metrics(workdir, record)
+      metrics.append_metrics(workdir, record)
       shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
       print(f"epoch {epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
   finally:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from examples import results
+from examples import metrics
 from examples.cifar10 import __main__ as cli_main
 from examples.cifar10 import input_pipeline, models, train
 
@@ -252,7 +252,7 @@ def test_two_step_run_writes_metrics(data_dir, tmp_path):
                         train_size=32, test_size=30, data_dir=str(data_dir),
                         workdir=str(tmp_path / "run"), progress=False, eval_batch_size=16)
   history = train.train_and_evaluate(config)
-  assert results.read_metrics(tmp_path / "run") == history
+  assert metrics.read_metrics(tmp_path / "run") == history
   (record,) = history
   assert set(REQUIRED) <= set(record)
   assert record["epoch"] == 1 and record["step"] == 2

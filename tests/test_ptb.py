@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples import results
+from examples import metrics
 from examples.ptb import input_pipeline, models, train
 
 TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "tokens_per_second"}
@@ -348,7 +348,7 @@ def test_tiny_model_learns_a_repeated_pattern(pattern_run):
     assert key in last
   assert last["tokens_per_second"] > 0 and last["epoch_seconds"] > 0
   np.testing.assert_allclose(last["valid_ppl"], np.exp(last["valid_loss"]))
-  run = results.read_run(config.workdir)
+  run = metrics.read_run(config.workdir)
   assert run["optimizer"]["task"] == "ptb2" and run["optimizer"]["optimizer"] == "adam"
 
 
@@ -359,7 +359,7 @@ def test_two_devices_match_one(pattern_run, tmp_path):
   config, history = pattern_run
   two = dataclasses.replace(config, workdir=str(tmp_path / "two"), devices=2, stop_after_epoch=1)
   (record,) = train.train_and_evaluate(two, pattern_corpus())
-  assert len(results.read_run(two.workdir)["devices"]) == 2
+  assert len(metrics.read_run(two.workdir)["devices"]) == 2
   a, b = without_timing(history)[0], without_timing([record])[0]
   assert a.keys() == b.keys()
   for key in a:
@@ -375,7 +375,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
   assert len(train.train_and_evaluate(dataclasses.replace(cfg, stop_after_epoch=1), corpus)) == 1
   resumed = train.train_and_evaluate(dataclasses.replace(cfg, resume=True), corpus)
   assert without_timing(resumed) == without_timing(full)
-  assert without_timing(results.read_metrics(cfg.workdir)) == without_timing(full)
+  assert without_timing(metrics.read_metrics(cfg.workdir)) == without_timing(full)
   assert full[0]["train_loss"] != full[1]["train_loss"]
 
 
@@ -396,7 +396,7 @@ def test_command_line_writes_the_metrics(tmp_path, monkeypatch):
   assert record["step"] == 14
   for key in ("lr", "train_loss", "train_ppl", "valid_ppl", "test_ppl", "tokens_per_second"):
     assert np.isfinite(record[key])
-  config = results.read_run(workdir)["config"]
+  config = metrics.read_run(workdir)["config"]
   assert config["clip"] == 1.0 and config["train_tokens"] == 300
   # A missing data folder is one line of error, exit status 2.
   missing = ["--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "other")]

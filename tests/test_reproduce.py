@@ -7,7 +7,7 @@ import pytest
 from test_cifar10 import synthetic_cifar
 
 from benchmarks import reproduce
-from examples import results
+from examples import metrics
 
 pytestmark = pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
 
@@ -39,7 +39,7 @@ def test_grid_resumes_an_interrupted_run_and_skips_a_finished_one(tmp_path, data
   assert "running or interrupted (1/2 epochs)" in (root / "tiny" / "table.md").read_text()
   reproduce.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
   assert "resuming" in capsys.readouterr().out
-  assert len(results.read_metrics(reproduce.run_dir(one, one.variants[0], 0, root))) == 2
+  assert len(metrics.read_metrics(reproduce.run_dir(one, one.variants[0], 0, root))) == 2
   reproduce.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
   assert "finished, skipped" in capsys.readouterr().out
 
@@ -59,16 +59,16 @@ def test_table_and_figure_come_from_the_metrics_files(tmp_path):
   for seed, acc in enumerate((0.61, 0.65)):
     workdir = reproduce.run_dir(TINY, sgdm, seed, root)
     workdir.mkdir(parents=True)
-    results.write_metrics(workdir, fake_history(2, acc, seed))
+    metrics.write_metrics(workdir, fake_history(2, acc, seed))
   workdir = reproduce.run_dir(TINY, padam, 0, root)
   workdir.mkdir(parents=True)
-  results.write_metrics(workdir, fake_history(2, 0.7, 5)[:1])  # interrupted after epoch 1
+  metrics.write_metrics(workdir, fake_history(2, 0.7, 5)[:1])  # interrupted after epoch 1
 
   reproduce.write_report(TINY, seeds=2, root=root)
   table = (root / "tiny" / "table.md").read_text()
   rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
   cells = [c.strip() for c in rows["sgdm"].strip("|").split("|")]
-  histories = [results.read_metrics(reproduce.run_dir(TINY, sgdm, s, root)) for s in (0, 1)]
+  histories = [metrics.read_metrics(reproduce.run_dir(TINY, sgdm, s, root)) for s in (0, 1)]
   final = [100 * h[-1]["test_acc"] for h in histories]
   assert cells[1] == f"**{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}**"  # the only finished row
   losses = [h[-1]["train_loss"] for h in histories]

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from examples import results, training
+from examples import metrics, training
 
 # optax's piecewise-constant schedule (the registry's step decay) compares a float with the int32
 # step count, which strict dtype promotion rejects.
@@ -111,8 +111,8 @@ def test_history_and_metrics_file(tmp_path):
   for key in ("lr", "train_loss", "train_correct", "test_loss", "test_acc", "epoch_seconds",
               "examples_per_second"):
     assert all(np.isfinite(r[key]) for r in history), key
-  assert results.read_metrics(cfg.workdir) == history
-  run = results.read_run(cfg.workdir)
+  assert metrics.read_metrics(cfg.workdir) == history
+  run = metrics.read_run(cfg.workdir)
   assert run["optimizer"]["optimizer"] == "padam" and run["config"]["epochs"] == 2
 
 
@@ -148,7 +148,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
   task = ToyTask()
   resumed = training.train(task, dataclasses.replace(cfg, resume=True))
   assert without_timing(resumed) == without_timing(full)
-  assert without_timing(results.read_metrics(cfg.workdir)) == without_timing(full)
+  assert without_timing(metrics.read_metrics(cfg.workdir)) == without_timing(full)
   assert task.epochs_started == 3  # 1 restored from the checkpoint + 2 run here
 
 
@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(training.NonFiniteLossError, match="epoch 2") as error:
     training.train(ToyTask(poison_epoch=2), cfg)
   assert "epoch 1" in str(error.value)  # the checkpoint kept
-  assert [r["epoch"] for r in results.read_metrics(cfg.workdir)] == [1]
+  assert [r["epoch"] for r in metrics.read_metrics(cfg.workdir)] == [1]
   # The kept checkpoint resumes (here with clean data) to the uninterrupted result.
   resumed = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
   full = training.train(ToyTask(), config(tmp_path, "full", epochs=3))
@@ -182,7 +182,7 @@ def test_eight_devices_match_one(tmp_path):
   assert len(jax.devices()) == 8, "tests/conftest.py forces 8 host devices"
   one = training.train(ToyTask(), config(tmp_path, "one", epochs=1, devices=1))
   eight = training.train(ToyTask(), config(tmp_path, "eight", epochs=1, devices=8))
-  assert len(results.read_run(tmp_path / "eight")["devices"]) == 8
+  assert len(metrics.read_run(tmp_path / "eight")["devices"]) == 8
   a, b = without_timing(one)[0], without_timing(eight)[0]
   assert a.keys() == b.keys()
   for key in a:
@@ -202,10 +202,10 @@ def test_unknown_optimizer_lists_valid_names(tmp_path):
 
 def test_read_metrics_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
-    results.read_metrics(tmp_path)
+    metrics.read_metrics(tmp_path)
   (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
   with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
-    results.read_metrics(tmp_path)
+    metrics.read_metrics(tmp_path)
 
 
 def test_plot_reads_metrics_and_writes_png(tmp_path):
@@ -213,7 +213,7 @@ def test_plot_reads_metrics_and_writes_png(tmp_path):
 
   for name, loss in (("a", 2.0), ("b", 1.5)):
     (tmp_path / name).mkdir()
-    results.write_metrics(tmp_path / name, [
+    metrics.write_metrics(tmp_path / name, [
         {"epoch": e, "train_loss": loss / e, "test_acc": 0.1 * e} for e in (1, 2, 3)])
   out = tmp_path / "fig" / "curves.png"
   plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--labels", "A", "B"])
@@ -232,7 +232,7 @@ def test_plot_draws_seed_groups_as_mean_and_range(tmp_path, monkeypatch):
 
   for name, scale, epochs in (("s0", 1.0, 4), ("s1", 3.0, 3), ("other", 2.0, 4)):
     (tmp_path / name).mkdir()
-    results.write_metrics(tmp_path / name, [
+    metrics.write_metrics(tmp_path / name, [
         {"epoch": e, "train_loss": scale / e, "test_acc": 0.1 * scale * e} for e in range(1, epochs + 1)])
   figures = []
   monkeypatch.setattr(plt, "close", figures.append)

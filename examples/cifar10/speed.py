@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from examples import results
+from examples import metrics
 
 
 def measure(
@@ -54,8 +54,8 @@ def measure(
     load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     load_after = os.getloadavg()[0]
-    (record,) = results.read_metrics(workdir)
-    run = results.read_run(workdir)
+    (record,) = metrics.read_metrics(workdir)
+    run = metrics.read_run(workdir)
   return {
     "model": model,
     "xnnpack": xnnpack,

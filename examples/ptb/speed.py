@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from examples import results
+from examples import metrics
 from examples.ptb import input_pipeline, models
 
 
@@ -73,8 +73,8 @@ def measure(
     load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     load_after = os.getloadavg()[0]
-    (record,) = results.read_metrics(workdir)
-    run = results.read_run(workdir)
+    (record,) = metrics.read_metrics(workdir)
+    run = metrics.read_run(workdir)
     shown = " ".join(command[1:]).replace(str(data), "DATA").replace(str(workdir), "TMP")
   return {
     "model": model,
