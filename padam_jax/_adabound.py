@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _common, _validation
+from padam_jax import _adam_like, _common, _validation
 from padam_jax._common import ScalarOrSchedule
 
 
@@ -26,7 +26,7 @@ class ScaleByAdaboundState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  nu_max: optax.Updates | None
+  nu_max: optax.Updates | None = None
 
 
 def scale_by_adabound(
@@ -96,19 +96,16 @@ def scale_by_adabound(
   _validation.check_interval("eps", eps, 0.0)
   _validation.check_interval("final_lr", final_lr, 0.0)
   _validation.check_interval("gamma", gamma, 0.0, low_open=True)
-  if not callable(learning_rate):
-    _validation.check_interval(
-        "learning_rate", learning_rate, 0.0, low_open=True,
-        description="the bounds are scaled by learning_rate / its initial value",
-    )
+  _validation.check_interval(
+      "learning_rate", learning_rate, 0.0, low_open=True,
+      description="the bounds are scaled by learning_rate / its initial value",
+  )
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params: optax.Params) -> ScaleByAdaboundState:
     return ScaleByAdaboundState(
         count=jnp.zeros([], jnp.int32),
-        mu=_common.zeros_moment(params, mu_dtype),
-        nu=_common.zeros_moment(params),
-        nu_max=_common.zeros_moment(params) if amsbound else None,
+        **_adam_like.init_moments(params, mu_dtype, running_max=amsbound),
     )
 
   def update_fn(
@@ -127,14 +124,9 @@ def scale_by_adabound(
     upper = final * (1.0 + 1.0 / g_t)
     step_size = lr * _common.bias_correction_factor(b1, b2, count_inc)
 
-    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: _common.ema(b2, g, v, 2), updates, state.nu)
-    if amsbound:
-      nu_max = jax.tree.map(lambda old, v: jnp.maximum(old.astype(v.dtype), v), state.nu_max, nu)
-      denominators = nu_max
-    else:
-      nu_max = None
-      denominators = nu
+    moments, denominators = _adam_like.update_moments(
+        _adam_like.ADAM, b1, b2, eps, updates, state, running_max=amsbound
+    )
 
     def step(m, v):
       dtype = m.dtype
@@ -143,12 +135,8 @@ def scale_by_adabound(
       eta = step_size.astype(dtype) / (jnp.sqrt(v) + jnp.asarray(eps, dtype))
       return jnp.clip(eta, lower.astype(dtype), upper.astype(dtype)) * m
 
-    return jax.tree.map(step, mu, denominators), ScaleByAdaboundState(
-        count=count_inc,
-        mu=optax.tree.cast_like(mu, state.mu),
-        nu=optax.tree.cast_like(nu, state.nu),
-        nu_max=None if nu_max is None else optax.tree.cast_like(nu_max, state.nu_max),
-    )
+    steps = jax.tree.map(step, moments["mu"], denominators)
+    return steps, ScaleByAdaboundState(count=count_inc, **_adam_like.cast_moments(moments, state))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

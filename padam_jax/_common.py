@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +111,50 @@ def coupled_l2(
       scale,
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def scale_by_partial_accumulator(
+    state_type: type[NamedTuple],
+    p: ScalarOrSchedule,
+    eps: jax.typing.ArrayLike,
+    initial_value: jax.typing.ArrayLike,
+    accumulate: Callable[[jax.Array, jax.Array], jax.Array],
+) -> optax.GradientTransformation:
+  """``u_t = g_t / (sqrt(s_t) + eps)^(2p)`` for a running accumulator ``s_t`` of squares.
+
+  The shared skeleton of partial RMSprop (a moving average) and partial Adagrad (a sum).
+
+  Args:
+    state_type: the state, a ``NamedTuple`` of a step count then the accumulator.
+    p: partially adaptive exponent in ``[0, 1/2]``, a number or a schedule.
+    eps: added to ``sqrt(s)`` before the power, ``>= 0``.
+    initial_value: ``s_0 >= 0``.
+    accumulate: ``(g, s_{t-1}) -> s_t``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a ``state_type``.
+  """
+  guard_zero = eps_may_be_zero(eps) and eps_may_be_zero(initial_value)
+
+  def init_fn(params: optax.Params) -> NamedTuple:
+    initial = jax.tree.map(
+        lambda x: jnp.full_like(x, initial_value, dtype=float_dtype(x.dtype)), params
+    )
+    return state_type(jnp.zeros([], jnp.int32), initial)
+
+  def update_fn(
+      updates: optax.Updates, state: NamedTuple, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, NamedTuple]:
+    del params
+    count, accumulator = state
+    two_p = 2 * evaluate(p, count)
+    accumulator = jax.tree.map(accumulate, updates, accumulator)
+
+    def step(g, s):
+      denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
+      return partial_divide(g.astype(s.dtype), denom, two_p, guard_zero=guard_zero)
+
+    steps = jax.tree.map(step, updates, accumulator)
+    return steps, state_type(optax.safe_increment(count), accumulator)
+
+  return optax.GradientTransformation(init_fn, update_fn)

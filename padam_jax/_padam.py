@@ -6,10 +6,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from padam_jax import _common, _validation
+from padam_jax import _adam_like, _common
 from padam_jax._common import ScalarOrSchedule
 
 
@@ -98,52 +97,10 @@ def scale_by_partial_amsgrad(
     Gradient Methods in Training Deep Neural Networks
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Algorithm 1).
   """
-  if not callable(p):
-    _validation.check_partial_power(p)
-  _validation.check_betas(b1, b2)
-  _validation.check_interval("eps", eps, 0.0)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  guard_zero = _common.eps_may_be_zero(eps)
-
-  def init_fn(params: optax.Params) -> ScaleByPartialAmsgradState:
-    return ScaleByPartialAmsgradState(
-        count=jnp.zeros([], jnp.int32),
-        mu=_common.zeros_moment(params, mu_dtype),
-        nu=_common.zeros_moment(params),
-        nu_max=_common.zeros_moment(params),
-    )
-
-  def update_fn(
-      updates: optax.Updates,
-      state: ScaleByPartialAmsgradState,
-      params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, ScaleByPartialAmsgradState]:
-    del params
-    count_inc = optax.safe_increment(state.count)
-    two_p = 2 * _common.evaluate(p, state.count)
-    scale = _common.bias_correction_factor(b1, b2, count_inc) if bias_correction else None
-
-    mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: _common.ema(b2, g, v, 2), updates, state.nu)
-    nu_max = jax.tree.map(  # max of the raw v, not of the bias-corrected one
-        lambda old, v: jnp.maximum(old.astype(v.dtype), v), state.nu_max, nu
-    )
-
-    def step(m, v_max):
-      denom = jnp.sqrt(v_max) + jnp.asarray(eps, m.dtype)
-      # vhat = 0 only where every gradient was 0, so m = 0 too: no step there.
-      out = _common.partial_divide(m, denom, two_p, guard_zero=guard_zero)
-      return out if scale is None else scale.astype(m.dtype) * out
-
-    steps = jax.tree.map(step, mu, nu_max)
-    return steps, ScaleByPartialAmsgradState(
-        count=count_inc,
-        mu=optax.tree.cast_like(mu, state.mu),
-        nu=optax.tree.cast_like(nu, state.nu),
-        nu_max=optax.tree.cast_like(nu_max, state.nu_max),
-    )
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _adam_like.scale_by_partial_moments(
+      _adam_like.ADAM, ScaleByPartialAmsgradState, p, b1, b2, eps,
+      running_max=True, bias_correction=bias_correction, mu_dtype=mu_dtype,
+  )
 
 
 def padam(

@@ -73,8 +73,7 @@ def padamw(
     Loshchilov, Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  if not callable(weight_decay):
-    _validation.check_interval("weight_decay", weight_decay, 0.0)
+  _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
       _padam.scale_by_partial_amsgrad(
           p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype

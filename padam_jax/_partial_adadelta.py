@@ -75,8 +75,7 @@ def scale_by_partial_adadelta(
     Gradient Methods in Training Deep Neural Networks
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
   """
-  if not callable(p):
-    _validation.check_partial_power(p)
+  _validation.check_partial_power(p)
   _validation.check_interval("rho", rho, 0.0, 1.0, high_open=True)
   _validation.check_interval(
       "eps", eps, 0.0, low_open=True, description="Adadelta's first step is sqrt(eps) * ..."

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from padam_jax import _common, _validation
@@ -67,46 +66,17 @@ def scale_by_partial_rss(
     Gradient Methods in Training Deep Neural Networks
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
   """
-  if not callable(p):
-    _validation.check_partial_power(p)
+  _validation.check_partial_power(p)
   _validation.check_interval("initial_accumulator_value", initial_accumulator_value, 0.0)
   _validation.check_interval("eps", eps, 0.0)
-  guard_zero = _common.eps_may_be_zero(eps) and _common.eps_may_be_zero(initial_accumulator_value)
+  return _common.scale_by_partial_accumulator(
+      ScaleByPartialRssState, p, eps, initial_accumulator_value, _sum_of_squares
+  )
 
-  def init_fn(params: optax.Params) -> ScaleByPartialRssState:
-    sums = jax.tree.map(
-        lambda x: jnp.full_like(
-            x, initial_accumulator_value, dtype=_common.float_dtype(x.dtype)
-        ),
-        params,
-    )
-    return ScaleByPartialRssState(count=jnp.zeros([], jnp.int32), sum_of_squares=sums)
 
-  def update_fn(
-      updates: optax.Updates,
-      state: ScaleByPartialRssState,
-      params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, ScaleByPartialRssState]:
-    del params
-    two_p = 2 * _common.evaluate(p, state.count)
-
-    def accumulate(g, s):
-      g = g.astype(s.dtype)
-      return s + g * g
-
-    sums = jax.tree.map(accumulate, updates, state.sum_of_squares)
-
-    def step(g, s):
-      denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
-      return _common.partial_divide(
-          g.astype(s.dtype), denom, two_p, guard_zero=guard_zero
-      )
-
-    return jax.tree.map(step, updates, sums), ScaleByPartialRssState(
-        count=optax.safe_increment(state.count), sum_of_squares=sums
-    )
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _sum_of_squares(g: jax.Array, s: jax.Array) -> jax.Array:
+  g = g.astype(s.dtype)
+  return s + g * g
 
 
 def partial_adagrad(

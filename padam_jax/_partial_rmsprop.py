@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from padam_jax import _common, _validation
@@ -69,39 +68,14 @@ def scale_by_partial_rms(
     Gradient Methods in Training Deep Neural Networks
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
   """
-  if not callable(p):
-    _validation.check_partial_power(p)
+  _validation.check_partial_power(p)
   _validation.check_interval("decay", decay, 0.0, 1.0, high_open=True)
   _validation.check_interval("eps", eps, 0.0)
   _validation.check_interval("initial_scale", initial_scale, 0.0)
-  guard_zero = _common.eps_may_be_zero(eps) and _common.eps_may_be_zero(initial_scale)
-
-  def init_fn(params: optax.Params) -> ScaleByPartialRmsState:
-    nu = jax.tree.map(
-        lambda x: jnp.full_like(x, initial_scale, dtype=_common.float_dtype(x.dtype)), params
-    )
-    return ScaleByPartialRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
-
-  def update_fn(
-      updates: optax.Updates,
-      state: ScaleByPartialRmsState,
-      params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, ScaleByPartialRmsState]:
-    del params
-    two_p = 2 * _common.evaluate(p, state.count)
-    nu = jax.tree.map(lambda g, v: _common.ema(decay, g, v, 2), updates, state.nu)
-
-    def step(g, v):
-      denom = jnp.sqrt(v) + jnp.asarray(eps, v.dtype)
-      return _common.partial_divide(
-          g.astype(v.dtype), denom, two_p, guard_zero=guard_zero
-      )
-
-    return jax.tree.map(step, updates, nu), ScaleByPartialRmsState(
-        count=optax.safe_increment(state.count), nu=nu
-    )
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _common.scale_by_partial_accumulator(
+      ScaleByPartialRmsState, p, eps, initial_scale,
+      lambda g, v: _common.ema(decay, g, v, 2),
+  )
 
 
 def partial_rmsprop(
