@@ -15,6 +15,11 @@ derived from :class:`LoopConfig`; :func:`train` does the rest, the same way for 
   an Orbax checkpoint after every epoch and exact resumption, a stop on a non-finite loss that keeps
   the last good checkpoint, and the same numbers for the same seed.
 
+:func:`train` reads as its steps: :func:`make_mesh` and :func:`check_settings`, the registry's
+optimizer (:func:`make_optimizer`), the model and optimizer state (:func:`make_state`), the jitted
+steps (:class:`Steps`), :func:`restore_or_start`, then per epoch :func:`train_epoch`,
+:func:`evaluate` and :func:`record_epoch` (which calls :func:`save_checkpoint`).
+
 Randomness is derived, never carried: epoch ``e`` uses ``fold_in(fold_in(root, 1), e)`` for its
 batches and ``fold_in(that, step)`` inside each step, so a resumed run replays exactly what an
 uninterrupted one would have done.
@@ -23,6 +28,7 @@ uninterrupted one would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -227,10 +233,19 @@ def _from_saved(saved: Any, like: Any) -> Any:
   return saved
 
 
-class _Checkpoints:
-  """Orbax checkpoints of (model + optimizer state, run metadata), one per finished epoch."""
+class Checkpoints:
+  """Orbax checkpoints of (model + optimizer state, run metadata), one per finished epoch.
+
+  The state is saved as the flat list of its leaves (typed PRNG keys as their raw data), the
+  metadata as JSON (see :func:`save_checkpoint`). Use it as a context manager, or call
+  :meth:`close`.
+
+  Attributes:
+    directory: the folder of the checkpoints (``WORKDIR/checkpoints``).
+  """
 
   def __init__(self, directory: pathlib.Path):
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(
       max_to_keep=2, create=True, enable_async_checkpointing=False
     )
@@ -239,9 +254,11 @@ class _Checkpoints:
     )
 
   def latest(self) -> int | None:
+    """The last saved epoch, or None."""
     return self.manager.latest_step()
 
   def save(self, epoch: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Saves ``state`` and ``meta`` as the checkpoint of ``epoch`` and waits until it is written."""
     leaves = [_to_saveable(x) for x in jax.tree.leaves(state)]
     self.manager.save(
       epoch,
@@ -252,6 +269,7 @@ class _Checkpoints:
     self.manager.wait_until_finished()
 
   def restore(self, epoch: int, like: Any) -> tuple[Any, dict[str, Any]]:
+    """The state (with the tree structure, shardings and key types of ``like``) and the metadata."""
     like_leaves, treedef = jax.tree.flatten(like)
     abstract = [
       jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
@@ -270,6 +288,12 @@ class _Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
 
 
 def _jsonable_config(config: LoopConfig) -> dict[str, Any]:
@@ -291,12 +315,405 @@ def _check_same_run(
     )
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
+# ---- the steps of a run, in the order train() takes them ----
 
-  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
+
+def check_settings(task: Task, config: LoopConfig, mesh: jax.sharding.Mesh) -> None:
+  """Raises ValueError when the batch does not split over the devices or an epoch has no steps."""
+  num_devices = mesh.devices.size
+  if config.batch_size % num_devices:
+    raise ValueError(
+      f"batch size {config.batch_size} is not a multiple of the {num_devices} devices"
+    )
+  if task.steps_per_epoch < 1:
+    raise ValueError(
+      f"an epoch has no steps: {task.train_size} examples, batch size {config.batch_size}"
+    )
+
+
+def make_optimizer(task: Task, config: LoopConfig) -> optimizers.OptimizerSetup:
+  """The registry's optimizer for ``task`` with the overrides of ``config``."""
+  return optimizers.make_optimizer(
+    config.optimizer,
+    task=task.registry_task,
+    steps_per_epoch=task.steps_per_epoch,
+    epochs=config.epochs,
+    batch_size=config.batch_size,
+    train_size=task.train_size,
+    learning_rate=config.learning_rate,
+    **dict(config.hparams),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The model and optimizer of a run without their state, for the functional steps.
+
+  Attributes:
+    train_graph: the graph of (model, optimizer) in training mode.
+    eval_graph: the same in eval mode.
+    num_params: number of parameters.
+  """
+
+  train_graph: nnx.GraphDef
+  eval_graph: nnx.GraphDef
+  num_params: int
+
+
+def make_state(
+  task: Task, tx: optax.GradientTransformation, root: jax.Array, mesh: jax.sharding.Mesh
+) -> tuple[Model, nnx.State]:
+  """Initializes the task's model and an ``nnx.Optimizer`` with ``task.transform(tx)`` from ``root``.
+
+  The parameters are drawn from ``fold_in(root, 0)`` and the dropout stream from
+  ``fold_in(root, 2)``.
+
+  Returns:
+    The model's graphs and the state of (model, optimizer) (parameters, batch statistics, RNG
+    streams, optimizer state), replicated over ``mesh``.
+  """
+
+  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
+  # parameter shape, which costs seconds each on a small CPU.
+  @nnx.jit
+  def create(root):
+    model = task.init_model(
+      nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
+    )
+    return model, nnx.Optimizer(model, task.transform(tx), wrt=nnx.Param)
+
+  model, optimizer = create(root)
+  model.train()
+  train_graph, state = nnx.split((model, optimizer))
+  model.eval()
+  eval_graph = nnx.graphdef((model, optimizer))
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  return Model(train_graph, eval_graph, int(num_params)), state
+
+
+def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoch_key, step):
+  model, optimizer = nnx.merge(graph, state)
+  rng = jax.random.fold_in(epoch_key, step)
+
+  def loss_fn(model):
+    return task.loss(model, batch, carry, rng, train=True)
+
+  (_, (carry, batch_sums)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  sums = {k: sums[k] + batch_sums[k].astype(jnp.float32) for k in sums}
+  return nnx.state((model, optimizer)), jax.lax.stop_gradient(carry), sums
+
+
+def _eval_step(task: Task, graph: nnx.GraphDef, state, carry, batch):
+  model, _ = nnx.merge(graph, state)
+  _, (carry, sums) = task.loss(model, batch, carry, jax.random.key(0), train=False)
+  return carry, {k: v.astype(jnp.float32) for k, v in sums.items()}
+
+
+class Steps:
+  """The jitted train and eval steps of a run, and the placement of batches on the mesh.
+
+  The train step is compiled once, on the first batch (:meth:`compile`), before any clock starts.
+
+  Attributes:
+    mesh: the one-axis ``data`` mesh.
+    num_devices: devices the batch axis is split over.
+    replicated: the sharding of the model and optimizer state (and the metric sums).
+    data_sharded: the sharding of batches and carries (leading axis over ``data``).
+    eval: the jitted eval step, ``(state, carry, batch) -> (carry, sums)``.
+  """
+
+  def __init__(self, task: Task, model: Model, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
+    self.num_devices = mesh.devices.size
+    self.replicated = NamedSharding(mesh, P())
+    self.data_sharded = NamedSharding(mesh, P(DATA_AXIS))
+    self._task = task
+    self._train_graph = model.train_graph
+    self._train = jax.jit(
+      functools.partial(_train_step, task, model.train_graph),
+      donate_argnums=(0, 1, 2),
+      out_shardings=(self.replicated, self.data_sharded, self.replicated),
+    )
+    self._compiled = None
+    self.eval = jax.jit(
+      functools.partial(_eval_step, task, model.eval_graph),
+      out_shardings=(self.data_sharded, self.replicated),
+    )
+
+  def shard(self, tree: Any) -> Any:
+    """Places a batch (or carry) with its leading axis split over the devices."""
+    if jax.process_count() == 1:
+      return jax.device_put(tree, self.data_sharded)
+    # Every process computes the same global batch; each device takes its slice of it.
+    return jax.tree.map(lambda x: _global_array(np.asarray(x), self.data_sharded), tree)
+
+  def zero_sums(self, state: Any, carry: Carry, batch: Batch, key: jax.Array) -> Sums:
+    """Zeros for each metric sum the task's loss returns (found by tracing it, not running it)."""
+
+    def batch_sums(state, carry, batch):
+      model, _ = nnx.merge(self._train_graph, state)
+      return self._task.loss(model, batch, carry, key, train=True)[1][1]
+
+    keys = jax.eval_shape(batch_sums, state, carry, batch)
+    if "count" not in keys:
+      raise ValueError("Task.loss must return sums with a 'count' entry")
+    return {k: jax.device_put(jnp.zeros((), jnp.float32), self.replicated) for k in keys}
+
+  def compile(self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array) -> None:
+    """Compiles the train step for these shapes, once per run."""
+    if self._compiled is None:
+      self._compiled = self._train.lower(state, carry, sums, batch, key, jnp.int32(0)).compile()
+
+  def train(
+    self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array, index: int
+  ) -> tuple[Any, Carry, Sums]:
+    """One optimizer step; ``state``, ``carry`` and ``sums`` are donated."""
+    return self._compiled(state, carry, sums, batch, key, jnp.int32(index))
+
+
+@dataclasses.dataclass
+class RunState:
+  """Where a run stands after its last finished epoch.
+
+  Attributes:
+    state: the model and optimizer state.
+    root: the run's root PRNG key (every epoch's key is derived from it).
+    history: one record per finished epoch.
+    epoch: the last finished epoch (0 before the first).
+  """
+
+  state: Any
+  root: jax.Array
+  history: list[dict[str, Any]]
+  epoch: int = 0
+
+
+def restore_or_start(
+  checkpoints: Checkpoints, state: Any, root: jax.Array, task: Task, config: LoopConfig
+) -> RunState:
+  """The run from its latest checkpoint (with ``config.resume``), or a fresh one at epoch 0.
+
+  Either way ``WORKDIR/metrics.jsonl`` is rewritten to the history so far.
+
+  Raises:
+    ValueError: when there are checkpoints but no ``config.resume``, or the checkpoint's settings
+      differ from ``config``'s.
+  """
+  workdir = pathlib.Path(config.workdir)
+  latest = checkpoints.latest()
+  if latest is None:
+    metrics.write_metrics(workdir, [])
+    return RunState(state, root, [])
+  if not config.resume:
+    raise ValueError(
+      f"{workdir} already holds checkpoints (up to epoch {latest}); pass --resume to continue that run or choose a new --workdir"
+    )
+  state, meta = checkpoints.restore(latest, state)
+  _check_same_run(meta["config"], _jsonable_config(config), workdir)
+  task.restore_checkpoint_state(meta.get("task", {}))
+  run = RunState(
+    state=state,
+    root=jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)),
+    history=list(meta["history"]),
+    epoch=int(meta["epoch"]),
+  )
+  metrics.write_metrics(workdir, run.history)
+  print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
+  return run
+
+
+def write_run_info(
+  task: Task, config: LoopConfig, setup: optimizers.OptimizerSetup, model: Model, steps: Steps
+) -> None:
+  """Writes ``WORKDIR/run.json``: the config, optimizer hyperparameters, devices and versions."""
+  run_info = {
+    "config": _jsonable_config(config),
+    "task": type(task).__name__,
+    "optimizer": setup.hyperparams,
+    "num_params": model.num_params,
+    "devices": [str(d) for d in steps.mesh.devices.flat],
+    "jax": jax.__version__,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  path = pathlib.Path(config.workdir) / metrics.RUN_FILE
+  path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def last_epoch(config: LoopConfig) -> int:
+  """The epoch this invocation stops after: ``epochs``, or ``stop_after_epoch`` if earlier."""
+  if config.stop_after_epoch is None:
+    return config.epochs
+  return min(config.epochs, config.stop_after_epoch)
+
+
+def epoch_key(root: jax.Array, epoch: int) -> jax.Array:
+  """The key of ``epoch`` (batches; ``fold_in(key, step)`` inside each step)."""
+  return jax.random.fold_in(jax.random.fold_in(root, 1), epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochTraining:
+  """What :func:`train_epoch` measured.
+
+  Attributes:
+    sums: the epoch's metric sums (``task.loss``'s ``sums`` over its steps), as Python floats.
+    seconds: time of the steps, compilation excluded.
+  """
+
+  sums: dict[str, float]
+  seconds: float
+
+
+class _ProgressBar:
+  """A tqdm bar over an epoch's steps with the live metrics and throughput; nothing when disabled."""
+
+  def __init__(self, total: int, desc: str, unit: str, start: float, enabled: bool):
+    self._unit = unit
+    self._start = start
+    self._bar = None
+    if enabled:
+      from tqdm.auto import tqdm
+
+      self._bar = tqdm(
+        total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr
+      )
+
+  def show(self, step: int, live: Mapping[str, float], count: float) -> None:
+    if self._bar is None:
+      return
+    rate = count / (time.perf_counter() - self._start)
+    self._bar.set_postfix(
+      {**{k: f"{v:.4g}" for k, v in live.items()}, f"{self._unit}/s": f"{rate:.1f}"},
+      refresh=False,
+    )
+    self._bar.update(step - self._bar.n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def check_finite(
+  live: Mapping[str, float], epoch: int, step: int, checkpoints: Checkpoints
+) -> None:
+  """Raises :class:`NonFiniteLossError` when a live training metric is NaN or infinite."""
+  if not all(math.isfinite(v) for v in live.values()):
+    raise NonFiniteLossError(_non_finite_message(epoch, step, live, checkpoints))
+
+
+def train_epoch(
+  steps: Steps,
+  state: Any,
+  task: Task,
+  config: LoopConfig,
+  epoch: int,
+  checkpoints: Checkpoints,
+  *,
+  key: jax.Array,
+  log_every: int = 10,
+) -> tuple[Any, EpochTraining]:
+  """Runs the ``steps_per_epoch`` train steps of ``epoch``; returns the new state and the sums.
+
+  Every ``log_every`` steps (and at the last) the sums are fetched: the progress bar shows them and
+  :func:`check_finite` stops the run on a non-finite loss.
+  """
+  carry = steps.shard(task.init_carry(config.batch_size))
+  sums = bar = start = None
+  index = -1
+  for index, batch in enumerate(task.train_batches(epoch, key)):
+    if index >= task.steps_per_epoch:
+      raise ValueError(
+        f"train_batches yielded more than steps_per_epoch={task.steps_per_epoch} batches"
+      )
+    batch = steps.shard(batch)
+    if start is None:
+      sums = steps.zero_sums(state, carry, batch, key)
+      # Compile before the clock starts so epoch times and throughput measure training only.
+      steps.compile(state, carry, sums, batch, key)
+      start = time.perf_counter()
+      desc = f"epoch {epoch}/{config.epochs}"
+      bar = _ProgressBar(task.steps_per_epoch, desc, task.unit, start, config.progress)
+    state, carry, sums = steps.train(state, carry, sums, batch, key, index)
+    if (index + 1) % log_every == 0 or index + 1 == task.steps_per_epoch:
+      host = {k: float(v) for k, v in sums.items()}
+      live = task.summarize(host)
+      check_finite(live, epoch, index + 1, checkpoints)
+      bar.show(index + 1, live, host["count"])
+  if index + 1 != task.steps_per_epoch:
+    raise ValueError(
+      f"train_batches yielded fewer than steps_per_epoch={task.steps_per_epoch} batches"
+    )
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  host = {k: float(v) for k, v in sums.items()}
+  bar.close()
+  return state, EpochTraining(host, seconds)
+
+
+def evaluate(steps: Steps, state: Any, task: Task) -> tuple[dict[str, float], float]:
+  """The task's end-of-epoch evaluation of ``state`` and its seconds."""
+  start = time.perf_counter()
+  evaluation = task.evaluate(Evaluator(steps.eval, state, steps.shard, steps.num_devices))
+  return evaluation, time.perf_counter() - start
+
+
+def epoch_record(
+  epoch: int,
+  task: Task,
+  setup: optimizers.OptimizerSetup,
+  trained: EpochTraining,
+  evaluation: Mapping[str, float],
+  eval_seconds: float,
+) -> dict[str, Any]:
+  """One line of ``metrics.jsonl``: epoch, step, lr, train and evaluation metrics, timings."""
+  first_step = (epoch - 1) * task.steps_per_epoch
+  return {
+    "epoch": epoch,
+    "step": epoch * task.steps_per_epoch,
+    # The rate this epoch's updates used (decays fall on epoch boundaries for even splits).
+    "lr": float(setup.learning_rate(first_step)),
+    **{f"train_{k}": v for k, v in task.summarize(trained.sums).items()},
+    **evaluation,
+    "epoch_seconds": trained.seconds + eval_seconds,
+    "train_seconds": trained.seconds,
+    "eval_seconds": eval_seconds,
+    f"{task.unit}_per_second": trained.sums["count"] / trained.seconds,
+  }
+
+
+def save_checkpoint(
+  checkpoints: Checkpoints, run: RunState, task: Task, config: LoopConfig
+) -> None:
+  """Saves the checkpoint of ``run.epoch``: the state, and as metadata the epoch, the history, the
+  config, the root key and the task's :meth:`Task.checkpoint_state`."""
+  meta = {
+    "epoch": run.epoch,
+    "history": run.history,
+    "config": _jsonable_config(config),
+    "rng": np.asarray(jax.random.key_data(run.root)).tolist(),
+    "task": task.checkpoint_state(),
+  }
+  checkpoints.save(run.epoch, run.state, meta)
+
+
+def record_epoch(
+  run: RunState,
+  state: Any,
+  record: dict[str, Any],
+  checkpoints: Checkpoints,
+  task: Task,
+  config: LoopConfig,
+) -> None:
+  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl and one printed line."""
+  run.state = state
+  run.epoch = record["epoch"]
+  run.history.append(record)
+  save_checkpoint(checkpoints, run, task, config)
+  metrics.append_metrics(config.workdir, record)
+  shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
+  print(f"epoch {run.epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
 
 
 def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[str, Any]]:
@@ -317,203 +734,24 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(config.devices)
-  num_devices = mesh.devices.size
-  if config.batch_size % num_devices:
-    raise ValueError(
-      f"batch size {config.batch_size} is not a multiple of the {num_devices} devices"
-    )
-  if task.steps_per_epoch < 1:
-    raise ValueError(
-      f"an epoch has no steps: {task.train_size} examples, batch size {config.batch_size}"
-    )
-  replicated = NamedSharding(mesh, P())
-  data_sharded = NamedSharding(mesh, P(DATA_AXIS))
-
-  def shard(tree: Any) -> Any:
-    if jax.process_count() == 1:
-      return jax.device_put(tree, data_sharded)
-    # Every process computes the same global batch; each device takes its slice of it.
-    return jax.tree.map(lambda x: _global_array(np.asarray(x), data_sharded), tree)
-
-  setup = optimizers.make_optimizer(
-    config.optimizer,
-    task=task.registry_task,
-    steps_per_epoch=task.steps_per_epoch,
-    epochs=config.epochs,
-    batch_size=config.batch_size,
-    train_size=task.train_size,
-    learning_rate=config.learning_rate,
-    **dict(config.hparams),
-  )
+  check_settings(task, config, mesh)
+  setup = make_optimizer(task, config)
   root = jax.random.key(config.seed)
-  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
-  # parameter shape, which costs seconds each on a small CPU.
-  @nnx.jit
-  def create(root):
-    model = task.init_model(
-      nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
-    )
-    return model, nnx.Optimizer(model, task.transform(setup.tx), wrt=nnx.Param)
-
-  model, optimizer = create(root)
-  model.train()
-  train_graph, state = nnx.split((model, optimizer))
-  model.eval()
-  eval_graph = nnx.graphdef((model, optimizer))
-  state = jax.device_put(state, replicated)
-  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  del model, optimizer  # only the functional state is used from here on
-
-  def train_step(state, carry, sums, batch, epoch_key, step):
-    model, optimizer = nnx.merge(train_graph, state)
-    rng = jax.random.fold_in(epoch_key, step)
-
-    def loss_fn(model):
-      return task.loss(model, batch, carry, rng, train=True)
-
-    (_, (carry, batch_sums)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    sums = {k: sums[k] + batch_sums[k].astype(jnp.float32) for k in sums}
-    return nnx.state((model, optimizer)), jax.lax.stop_gradient(carry), sums
-
-  def eval_step(state, carry, batch):
-    model, _ = nnx.merge(eval_graph, state)
-    _, (carry, sums) = task.loss(model, batch, carry, jax.random.key(0), train=False)
-    return carry, {k: v.astype(jnp.float32) for k, v in sums.items()}
-
-  def zero_sums(state, carry, batch, key) -> Sums:
-    def batch_sums(state, carry, batch):
-      model, _ = nnx.merge(train_graph, state)
-      return task.loss(model, batch, carry, key, train=True)[1][1]
-
-    keys = jax.eval_shape(batch_sums, state, carry, batch)
-    if "count" not in keys:
-      raise ValueError("Task.loss must return sums with a 'count' entry")
-    return {k: jax.device_put(jnp.zeros((), jnp.float32), replicated) for k in keys}
-
-  train_jit = jax.jit(
-    train_step, donate_argnums=(0, 1, 2), out_shardings=(replicated, data_sharded, replicated)
-  )
-  eval_jit = jax.jit(eval_step, out_shardings=(data_sharded, replicated))
-
-  checkpoints = _Checkpoints(workdir / "checkpoints")
-  config_json = _jsonable_config(config)
-  history: list[dict[str, Any]] = []
-  start_epoch = 1
-  latest = checkpoints.latest()
-  if latest is not None and not config.resume:
-    checkpoints.close()
-    raise ValueError(
-      f"{workdir} already holds checkpoints (up to epoch {latest}); pass --resume to continue that run or choose a new --workdir"
-    )
-  if latest is not None:
-    state, meta = checkpoints.restore(latest, state)
-    _check_same_run(meta["config"], config_json, workdir)
-    root = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-    history = list(meta["history"])
-    task.restore_checkpoint_state(meta.get("task", {}))
-    start_epoch = int(meta["epoch"]) + 1
-    metrics.write_metrics(workdir, history)
-    print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
-  else:
-    metrics.write_metrics(workdir, [])
-  run_info = {
-    "config": config_json,
-    "task": type(task).__name__,
-    "optimizer": setup.hyperparams,
-    "num_params": int(num_params),
-    "devices": [str(d) for d in mesh.devices.flat],
-    "jax": jax.__version__,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  (workdir / metrics.RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
-
-  compiled = None
-  last_epoch = (
-    config.epochs
-    if config.stop_after_epoch is None
-    else min(config.epochs, config.stop_after_epoch)
-  )
-  try:
-    for epoch in range(start_epoch, last_epoch + 1):
-      epoch_key = _epoch_key(root, epoch)
-      first_step = (epoch - 1) * task.steps_per_epoch
-      carry = shard(task.init_carry(config.batch_size))
-      sums = None
-      bar = None
-      batches = task.train_batches(epoch, epoch_key)
-      start = None
-      for index, batch in enumerate(batches):
-        if index >= task.steps_per_epoch:
-          raise ValueError(
-            f"train_batches yielded more than steps_per_epoch={task.steps_per_epoch} batches"
-          )
-        batch = shard(batch)
-        if sums is None:
-          sums = zero_sums(state, carry, batch, epoch_key)
-        if compiled is None:
-          # Compile before the clock starts so epoch times and throughput measure training only.
-          compiled = train_jit.lower(state, carry, sums, batch, epoch_key, jnp.int32(0)).compile()
-        if start is None:
-          start = time.perf_counter()
-          bar = _progress_bar(
-            task.steps_per_epoch, f"epoch {epoch}/{config.epochs}", config.progress
-          )
-        state, carry, sums = compiled(state, carry, sums, batch, epoch_key, jnp.int32(index))
-        if (index + 1) % log_every == 0 or index + 1 == task.steps_per_epoch:
-          host = {k: float(v) for k, v in sums.items()}
-          live = task.summarize(host)
-          if not all(math.isfinite(v) for v in live.values()):
-            raise NonFiniteLossError(
-              _non_finite_message(epoch, index + 1, live, checkpoints.latest(), workdir)
-            )
-          if bar is not None:
-            rate = host["count"] / (time.perf_counter() - start)
-            bar.set_postfix(
-              {**{k: f"{v:.4g}" for k, v in live.items()}, f"{task.unit}/s": f"{rate:.1f}"},
-              refresh=False,
-            )
-            bar.update((index + 1) - bar.n)
-      else:
-        if sums is None or index + 1 != task.steps_per_epoch:
-          raise ValueError(
-            f"train_batches yielded fewer than steps_per_epoch={task.steps_per_epoch} batches"
-          )
-      jax.block_until_ready(state)
-      train_seconds = time.perf_counter() - start
-      train_sums = {k: float(v) for k, v in sums.items()}
-      if bar is not None:
-        bar.close()
-      eval_start = time.perf_counter()
-      evaluation = task.evaluate(Evaluator(eval_jit, state, shard, num_devices))
-      eval_seconds = time.perf_counter() - eval_start
-      record = {
-        "epoch": epoch,
-        "step": epoch * task.steps_per_epoch,
-        # The rate this epoch's updates used (decays fall on epoch boundaries for even splits).
-        "lr": float(setup.learning_rate(first_step)),
-        **{f"train_{k}": v for k, v in task.summarize(train_sums).items()},
-        **evaluation,
-        "epoch_seconds": train_seconds + eval_seconds,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        f"{task.unit}_per_second": train_sums["count"] / train_seconds,
-      }
-      history.append(record)
-      meta = {
-        "epoch": epoch,
-        "history": history,
-        "config": config_json,
-        "rng": np.asarray(jax.random.key_data(root)).tolist(),
-        "task": task.checkpoint_state(),
-      }
-      checkpoints.save(epoch, state, meta)
-      metrics.append_metrics(workdir, record)
-      shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
-      print(f"epoch {epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
-  finally:
-    checkpoints.close()
-  return history
+  model, state = make_state(task, setup.tx, root, mesh)
+  steps = Steps(task, model, mesh)
+  with Checkpoints(workdir / "checkpoints") as checkpoints:
+    run = restore_or_start(checkpoints, state, root, task, config)
+    del state  # a restored run replaces it; from here on the run holds the state
+    write_run_info(task, config, setup, model, steps)
+    for epoch in range(run.epoch + 1, last_epoch(config) + 1):
+      key = epoch_key(run.root, epoch)
+      state, trained = train_epoch(
+        steps, run.state, task, config, epoch, checkpoints, key=key, log_every=log_every
+      )
+      evaluation, eval_seconds = evaluate(steps, state, task)
+      record = epoch_record(epoch, task, setup, trained, evaluation, eval_seconds)
+      record_epoch(run, state, record, checkpoints, task, config)
+  return run.history
 
 
 def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -521,10 +759,11 @@ def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def _non_finite_message(
-  epoch: int, step: int, live: Mapping[str, float], last: int | None, workdir: pathlib.Path
+  epoch: int, step: int, live: Mapping[str, float], checkpoints: Checkpoints
 ) -> str:
+  last = checkpoints.latest()
   kept = (
-    f"the last good checkpoint (epoch {last}) is kept in {workdir / 'checkpoints'}"
+    f"the last good checkpoint (epoch {last}) is kept in {checkpoints.directory}"
     if last
     else "no epoch had finished, so there is no checkpoint"
   )
