@@ -19,6 +19,9 @@ Run from the repository root::
 
   python -m benchmarks.update_speed --out benchmarks/results/update_speed.md
   python -m benchmarks.update_speed --quick   # tiny trees, a smoke test
+
+The PyTorch rows need PyTorch (``pip install -e ".[bench]"``); without it they are skipped and
+the output says so.
 """
 
 from __future__ import annotations
@@ -208,19 +211,20 @@ class TorchPadamRunner:
     self.state = [tuple(torch.zeros_like(x) for _ in range(3)) for x in self.params]
     self.t = 0
 
-  @torch.no_grad()
   def step(self) -> None:
     self.t += 1
     step_size = PADAM_LR * math.sqrt(1 - B2**self.t) / (1 - B1**self.t)
-    for x, (m, v, vhat) in zip(self.params, self.state, strict=True):
-      g = x.grad
-      if self.weight_decay:
-        g = g.add(x, alpha=self.weight_decay)
-      m.mul_(B1).add_(g, alpha=1 - B1)
-      v.mul_(B2).addcmul_(g, g, value=1 - B2)
-      torch.maximum(vhat, v, out=vhat)
-      denom = vhat.sqrt().add_(EPS).pow_(2 * P)
-      x.addcdiv_(m, denom, value=-step_size)
+    # A context rather than a decorator: the class must be definable without PyTorch.
+    with torch.no_grad():
+      for x, (m, v, vhat) in zip(self.params, self.state, strict=True):
+        g = x.grad
+        if self.weight_decay:
+          g = g.add(x, alpha=self.weight_decay)
+        m.mul_(B1).add_(g, alpha=1 - B1)
+        v.mul_(B2).addcmul_(g, g, value=1 - B2)
+        torch.maximum(vhat, v, out=vhat)
+        denom = vhat.sqrt().add_(EPS).pow_(2 * P)
+        x.addcdiv_(m, denom, value=-step_size)
 
   def state_bytes(self) -> int:
     return sum(t.numel() * t.element_size() for s in self.state for t in s)
@@ -535,22 +539,36 @@ def cpu_model() -> str:
   return "unknown"
 
 
+def torch_rows(no_torch: bool) -> tuple[bool, str]:
+  """Whether the PyTorch rows run, and what the output says of PyTorch."""
+  if torch is None:
+    return False, 'PyTorch rows skipped: torch not installed (pip install -e ".[bench]")'
+  if no_torch:
+    return False, "PyTorch rows skipped (--no-torch)"
+  return True, f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.update_speed", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--quick", action="store_true", help="tiny trees and few repeats")
   parser.add_argument("--out", default=None, help="markdown file to write (default: stdout only)")
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 2)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
-  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="skip the PyTorch rows (skipped anyway when PyTorch is not installed)")
   parser.add_argument("--tree", choices=("all", "resnet18", "transformer"), default="all",
                       help="which parameter tree(s) to time")
   args = parser.parse_args(argv)
   rounds = args.rounds or (2 if args.quick else 7)
-  with_torch = torch is not None and not args.no_torch
+  with_torch, torch_note = torch_rows(args.no_torch)
 
   def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
+  if not with_torch:
+    log(torch_note)
   load_start = os.getloadavg()
   if args.quick:
     trees = [("ResNet-18-shaped (quick: widths /8)", resnet18_shapes(widths=(8, 16, 32, 64))),
@@ -586,10 +604,7 @@ def main(argv: list[str] | None = None) -> None:
       "machine": f"{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform} backend",
       "load average": loads,
       "versions": f"jax {jax.__version__}, optax {optax.__version__}, padam_jax "
-                  f"{padam_jax.__version__}"
-                  + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-                     if with_torch else
-                     (", torch rows skipped" if torch is not None else ", torch not installed")),
+                  f"{padam_jax.__version__}, {torch_note}",
       "method": f"{rounds} interleaved rounds x {args.steps} timed steps per row after an untimed "
                 "warm-up round; each visit builds the state, takes one untimed step, then times "
                 "steps (update + apply_updates, parameters and state donated)",
