@@ -2,6 +2,9 @@
 
   python -m examples.plot RUN_DIR [RUN_DIR ...] --out curves.png [--labels A B ...]
 
+(``python examples/plot.py ...`` runs it too.) Needs matplotlib, from the ``examples`` extra:
+``pip install -e ".[examples]"``.
+
 Each RUN_DIR is a trainer's ``--workdir`` (or its ``metrics.jsonl``), read with
 :func:`examples.metrics.read_metrics`. Image runs plot ``train_loss`` and ``1 - test_acc``; language
 model runs (no ``test_acc``) plot ``train_loss`` and ``test_ppl``.
@@ -14,7 +17,12 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
 from examples import metrics
+
+MISSING_MATPLOTLIB = 'examples.plot needs matplotlib: pip install -e ".[examples]"'
 
 
 def _label(workdir: str) -> str:
@@ -55,7 +63,10 @@ def plot(
       from the first run's ``run.json``.
     title: an optional figure title.
   """
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError as error:
+    raise ImportError(MISSING_MATPLOTLIB) from error
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -105,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--labels", nargs="+", default=None, help="legend entries, one per run")
   parser.add_argument("--title", default=None)
   args = parser.parse_args(argv)
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    print(MISSING_MATPLOTLIB, file=sys.stderr)
+    return 1
   plot(args.workdirs, args.out, args.labels, args.title)
   print(f"wrote {args.out}")
   return 0
