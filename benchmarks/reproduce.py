@@ -26,20 +26,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from examples import metrics
+from examples.optimizers import PAPER_OPTIMIZERS
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-PAPER_SEVEN = ("sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam")
 FIRST = ("padam", "sgdm", "adam", "amsgrad")
 
-# The paper's final-epoch numbers (REFERENCE.md §2), by model and optimizer.
+
+def _paper(*values: float) -> dict[str, float]:
+  """The paper's numbers for its optimizers, in the registry's order (sgdm, adam, ..., padam)."""
+  return dict(zip(PAPER_OPTIMIZERS, values, strict=True))
+
+
+# The paper's final-epoch numbers (its Tables 1 and 3), by model and optimizer.
 PAPER_CIFAR10_ACC = {
-    "vgg16": dict(zip(PAPER_SEVEN, (93.71, 92.21, 92.54, 93.54, 92.94, 93.28, 93.78), strict=True)),
-    "resnet18": dict(zip(PAPER_SEVEN, (95.00, 92.89, 93.53, 94.56, 93.92, 94.16, 94.94), strict=True)),
-    "wrn16_4": dict(zip(PAPER_SEVEN, (95.26, 92.27, 92.91, 95.08, 94.23, 93.85, 95.34), strict=True)),
+    "vgg16": _paper(93.71, 92.21, 92.54, 93.54, 92.94, 93.28, 93.78),
+    "resnet18": _paper(95.00, 92.89, 93.53, 94.56, 93.92, 94.16, 94.94),
+    "wrn16_4": _paper(95.26, 92.27, 92.91, 95.08, 94.23, 93.85, 95.34),
 }
 PAPER_PTB_PPL = {
-    "lstm2": dict(zip(PAPER_SEVEN, (63.37, 61.58, 62.56, 63.93, 64.13, 63.14, 61.53), strict=True)),
-    "lstm3": dict(zip(PAPER_SEVEN, (61.22, 60.44, 61.92, 63.24, 60.01, 60.89, 58.48), strict=True)),
+    "lstm2": _paper(63.37, 61.58, 62.56, 63.93, 64.13, 63.14, 61.53),
+    "lstm3": _paper(61.22, 60.44, 61.92, 63.24, 60.01, 60.89, 58.48),
 }
 
 
@@ -81,7 +87,8 @@ class Protocol:
 
 
 def _seven() -> tuple[Variant, ...]:
-  return tuple(Variant(name, name) for name in PAPER_SEVEN)
+  """The paper's optimizers, each with the registry's hyperparameters."""
+  return tuple(Variant(name, name) for name in PAPER_OPTIMIZERS)
 
 
 _P_SWEEP = (
@@ -113,18 +120,30 @@ PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
         Protocol(
-            "cifar10-mini", "cifar10", "cifar10-mini", _CIFAR10_MINI, _seven(), seeds=2,
+            name="cifar10-mini",
+            task="cifar10",
+            setting="cifar10-mini",
+            config=_CIFAR10_MINI,
+            variants=_seven(),
+            seeds=2,
             paper=("paper: ResNet-18, full CIFAR-10, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
             about=_CIFAR10_MINI_ABOUT,
         ),
         Protocol(
-            "psweep-mini", "cifar10", "cifar10-mini", _CIFAR10_MINI, _P_SWEEP, figure="psweep",
+            name="psweep-mini",
+            task="cifar10",
+            setting="cifar10-mini",
+            config=_CIFAR10_MINI,
+            variants=_P_SWEEP,
+            figure="psweep",
             about="Padam's p on the cifar10-mini setting (the paper's Figure 1). " + _CIFAR10_MINI_ABOUT,
         ),
         Protocol(
-            "ptb-mini", "ptb", "ptb-mini",
-            dict(model="lstm2-small", epochs=4, batch_size=20, train_tokens=300_000),
-            _seven(),
+            name="ptb-mini",
+            task="ptb",
+            setting="ptb-mini",
+            config=dict(model="lstm2-small", epochs=4, batch_size=20, train_tokens=300_000),
+            variants=_seven(),
             paper=("paper: 2-layer LSTM (size not given), 200 epochs", PAPER_PTB_PPL["lstm2"]),
             about=(
                 "lstm2-small (2x200) on the first 300,000 training tokens of PTB, 4 epochs, batch "
@@ -137,27 +156,36 @@ PROTOCOLS: dict[str, Protocol] = {
             ),
         ),
         Protocol(
-            "gpu-short", "cifar10", "gpu-short",
-            dict(model="resnet18", epochs=8, batch_size=128, eval_batch_size=2000),
-            _seven(),
+            name="gpu-short",
+            task="cifar10",
+            setting="gpu-short",
+            config=dict(model="resnet18", epochs=8, batch_size=128, eval_batch_size=2000),
+            variants=_seven(),
             paper=("paper: ResNet-18, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
             about="ResNet-18 on full CIFAR-10, 8 epochs per optimizer: sized for ~10 minutes on one H200.",
         ),
         *(
             Protocol(
-                f"paper-cifar10-{model}", "cifar10", f"paper-cifar10-{model}",
-                dict(model=model, epochs=200, batch_size=128), _seven(),
+                name=f"paper-cifar10-{model}",
+                task="cifar10",
+                setting=f"paper-cifar10-{model}",
+                config=dict(model=model, epochs=200, batch_size=128),
+                variants=_seven(),
                 paper=(f"paper: {model}", PAPER_CIFAR10_ACC[model]),
-                about="The paper's exact CIFAR-10 configuration (REFERENCE.md §2), for GPU/TPU.",
+                about="The paper's exact CIFAR-10 configuration (its Section 5), for GPU/TPU.",
             )
             for model in PAPER_CIFAR10_ACC
         ),
         *(
             Protocol(
-                f"paper-ptb-{model}", "ptb", f"paper-ptb-{model}",
-                dict(model=model, epochs=200, batch_size=20), _seven(),
+                name=f"paper-ptb-{model}",
+                task="ptb",
+                setting=f"paper-ptb-{model}",
+                config=dict(model=model, epochs=200, batch_size=20),
+                variants=_seven(),
                 paper=(f"paper: {model}", PAPER_PTB_PPL[model]),
-                about="The paper's PTB configuration (REFERENCE.md §2; LSTM sizes are this project's choice).",
+                about="The paper's PTB configuration (its Section 5; LSTM sizes are this project's "
+                "choice).",
             )
             for model in PAPER_PTB_PPL
         ),
@@ -259,65 +287,146 @@ def _metric(protocol: Protocol) -> tuple[str, str, bool, float]:
   return "test_ppl", "test perplexity", False, 1.0
 
 
-def _mean_spread(values: Sequence[float]) -> tuple[float, float | None]:
-  if len(values) == 1:
-    return values[0], None
-  return statistics.fmean(values), statistics.stdev(values)
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """A mean over seeds and their standard deviation (None for one seed)."""
+
+  mean: float
+  spread: float | None = None
+
+  @classmethod
+  def of(cls, values: Sequence[float]) -> Stat:
+    if len(values) == 1:
+      return cls(values[0])
+    return cls(statistics.fmean(values), statistics.stdev(values))
 
 
-def _fmt(mean: float, spread: float | None, digits: int = 2) -> str:
-  if not math.isfinite(mean):
-    return str(mean)
-  return f"{mean:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of a results table, as numbers.
+
+  Attributes:
+    variant: the line's variant.
+    seeds: the finished runs (seeds) it averages; 0 when none finished.
+    status: for no finished run: ``"not run"`` or how far the furthest run got; else ``""``.
+    final, early: the metric (display scale) at the last epoch and at a quarter of the epochs.
+    final_loss, early_loss: the train loss at the same epochs.
+    paper: the paper's number for the optimizer (None for a modified one or none given).
+  """
+
+  variant: Variant
+  seeds: int
+  status: str = ""
+  final: Stat | None = None
+  early: Stat | None = None
+  final_loss: Stat | None = None
+  early_loss: Stat | None = None
+  paper: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A protocol's results, as numbers: :func:`results_table` computes it, :func:`render` writes it.
+
+  Attributes:
+    metric: the column name of the metric (e.g. ``"test accuracy %"``).
+    early_epoch: the early epoch of the table (a quarter of the epochs, at least 1).
+    paper_title: the heading of the paper's column, or None when there is none.
+    rows: one per variant, in the protocol's order.
+    best: the label of the best final mean, or None.
+  """
+
+  metric: str
+  early_epoch: int
+  paper_title: str | None
+  rows: tuple[Row, ...]
+  best: str | None
+
+
+def _row(variant: Variant, runs: Sequence[list[dict[str, Any]]], protocol: Protocol) -> Row:
+  key, _, _, scale = _metric(protocol)
+  epochs = protocol.config["epochs"]
+  early = max(1, epochs // 4)
+  paper = None
+  if protocol.paper and not variant.hparams:
+    paper = protocol.paper[1].get(variant.optimizer)
+  histories = [h for h in runs if len(h) >= epochs]
+  if not histories:
+    partial = [len(h) for h in runs if len(h) < epochs]
+    status = f"running or interrupted ({max(partial)}/{epochs} epochs)" if partial else "not run"
+    return Row(variant, 0, status=status, paper=paper)
+  return Row(
+    variant,
+    len(histories),
+    final=Stat.of([scale * h[epochs - 1][key] for h in histories]),
+    early=Stat.of([scale * h[early - 1][key] for h in histories]),
+    final_loss=Stat.of([h[epochs - 1]["train_loss"] for h in histories]),
+    early_loss=Stat.of([h[early - 1]["train_loss"] for h in histories]),
+    paper=paper,
+  )
+
+
+def results_table(protocol: Protocol, seeds: int, root: pathlib.Path = RESULTS) -> Table:
+  """The protocol's results from its runs' metrics files, as numbers."""
+  _, name, higher, _ = _metric(protocol)
+  runs = _collect(protocol, seeds, root)
+  rows = tuple(_row(v, runs.get(v.label, []), protocol) for v in protocol.variants)
+  finished = [row for row in rows if row.final is not None]
+  best = None
+  if finished:
+    pick = max if higher else min
+    best = pick(finished, key=lambda row: row.final.mean).variant.label
+  return Table(
+    metric=name,
+    early_epoch=max(1, protocol.config["epochs"] // 4),
+    paper_title=protocol.paper[0] if protocol.paper else None,
+    rows=rows,
+    best=best,
+  )
+
+
+def _fmt(stat: Stat, digits: int = 2) -> str:
+  if not math.isfinite(stat.mean):
+    return str(stat.mean)
+  spread = "" if stat.spread is None else f" ± {stat.spread:.{digits}f}"
+  return f"{stat.mean:.{digits}f}{spread}"
+
+
+def _cells(row: Row, best: str | None) -> list[str]:
+  if row.final is None:
+    return [row.variant.label, row.status, "", "", "", "0"]
+  final = _fmt(row.final)
+  return [
+    row.variant.label,
+    f"**{final}**" if row.variant.label == best else final,
+    _fmt(row.early),
+    _fmt(row.final_loss, 3),
+    _fmt(row.early_loss, 3),
+    str(row.seeds),
+  ]
+
+
+def render(table: Table) -> str:
+  """The table in markdown, the paper's Table 1/3 layout: mean ± deviation, the best in bold."""
+  early = table.early_epoch
+  header = [
+      "optimizer", f"final {table.metric}", f"{table.metric}, epoch {early}", "final train loss",
+      f"train loss, epoch {early}", "seeds",
+  ]
+  if table.paper_title:
+    header.append(table.paper_title)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in table.rows:
+    cells = _cells(row, table.best)
+    if table.paper_title:
+      cells.append("" if row.paper is None else f"{row.paper:.2f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def table(protocol: Protocol, seeds: int, root: pathlib.Path = RESULTS) -> str:
   """The protocol's results table (markdown) from its runs' metrics files."""
-  key, name, higher, scale = _metric(protocol)
-  epochs = protocol.config["epochs"]
-  early = max(1, epochs // 4)
-  runs = _collect(protocol, seeds, root)
-  finals: dict[str, tuple[float, float | None, int]] = {}
-  rows = []
-  for variant in protocol.variants:
-    histories = [h for h in runs.get(variant.label, []) if len(h) >= epochs]
-    partial = [h for h in runs.get(variant.label, []) if len(h) < epochs]
-    if not histories:
-      status = f"running or interrupted ({max(len(h) for h in partial)}/{epochs} epochs)" if partial else "not run"
-      rows.append((variant, None, status))
-      continue
-    final = [scale * h[epochs - 1][key] for h in histories]
-    finals[variant.label] = (*_mean_spread(final), len(final))
-    rows.append((variant, histories, ""))
-  best = None
-  if finals:
-    pick = max if higher else min
-    best = pick(finals, key=lambda label: finals[label][0])
-  paper_title, paper = protocol.paper if protocol.paper else (None, {})
-  header = [
-      "optimizer", f"final {name}", f"{name}, epoch {early}", "final train loss",
-      f"train loss, epoch {early}", "seeds",
-  ]
-  if paper_title:
-    header.append(paper_title)
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for variant, histories, status in rows:
-    cells = [variant.label]
-    if histories is None:
-      cells += [status, "", "", "", "0"]
-    else:
-      mean, spread, n = finals[variant.label]
-      text = _fmt(mean, spread)
-      cells.append(f"**{text}**" if variant.label == best else text)
-      cells.append(_fmt(*_mean_spread([scale * h[early - 1][key] for h in histories])))
-      cells.append(_fmt(*_mean_spread([h[epochs - 1]["train_loss"] for h in histories]), 3))
-      cells.append(_fmt(*_mean_spread([h[early - 1]["train_loss"] for h in histories]), 3))
-      cells.append(str(n))
-    if paper_title:
-      value = paper.get(variant.optimizer) if not variant.hparams else None
-      cells.append("" if value is None else f"{value:.2f}")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return render(results_table(protocol, seeds, root))
 
 
 def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS) -> pathlib.Path:

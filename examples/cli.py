@@ -1,9 +1,11 @@
 """Command-line plumbing shared by the example trainers (``python -m examples.cifar10``, ...).
 
-A trainer's ``__main__`` builds its parser with :func:`add_common_flags`, calls :func:`configure_xla`
-before anything computes (XLA reads ``$XLA_FLAGS`` when JAX starts its backend, at the first
-computation, not at import), turns the parsed flags into its config with :func:`loop_kwargs`, and runs
-its ``train_and_evaluate`` through :func:`run`, which turns expected failures into one-line messages.
+A trainer's config is a dataclass whose fields are made with :func:`setting`: the default, the help
+text and the flag's details are written there once. Its ``__main__`` builds its parser with
+:func:`add_config_flags` (a flag per field), calls :func:`configure_xla` before anything computes
+(XLA reads ``$XLA_FLAGS`` when JAX starts its backend, at the first computation, not at import),
+turns the parsed flags into its config with :func:`config_from_args`, and runs its
+``train_and_evaluate`` through :func:`run`, which turns expected failures into one-line messages.
 
 This module imports no JAX at import time.
 """
@@ -11,10 +13,13 @@ This module imports no JAX at import time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # XNNPACK kernels for XLA:CPU convolutions and matmuls: 1.3x-2x the images/s of a ResNet training
@@ -45,100 +50,146 @@ def parse_hparam(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def add_common_flags(
-  parser: argparse.ArgumentParser, *, optimizers: Sequence[str], epochs: int, batch_size: int
-) -> None:
-  """Adds the flags every trainer shares (those of ``examples.training.LoopConfig``, and more)."""
-  group = parser.add_argument_group("training (shared by every trainer)")
-  group.add_argument(
-    "--optimizer",
-    default="padam",
-    choices=optimizers,
-    metavar="OPT",
-    help=f"optimizer from the registry: {', '.join(optimizers)} (default: %(default)s)",
+def setting(
+  default: Any = dataclasses.MISSING,
+  *,
+  help: str | Callable[[], str],
+  default_factory: Any = dataclasses.MISSING,
+  **flag: Any,
+) -> Any:
+  """A config field whose metadata holds its help text and how it is set on the command line.
+
+  The command-line flags of the trainers are made from these fields
+  (``examples.cli.add_config_flags``); the default is written here only.
+
+  Args:
+    default: the field's default (or ``default_factory``, as for ``dataclasses.field``).
+    help: what the field means, as the flag's help (or a function returning it, called when the
+      parser is built). A default other than None, a bool or a mapping is appended to it.
+    default_factory: as for ``dataclasses.field``.
+    **flag: ``flag``: the flag's name without the dashes (default: the field's name with ``-``
+      for ``_``; a bool that defaults to True becomes ``--no-NAME``); ``choices``: the valid values
+      (checked when a config is made, and by the parser); ``metavar``; ``required``: required on the
+      command line; ``cli=False``: no flag.
+  """
+  return dataclasses.field(
+    default=default, default_factory=default_factory, metadata={"help": help, **flag}
   )
-  group.add_argument(
-    "--epochs",
-    type=int,
-    default=epochs,
-    help="total epochs; the learning rate is x0.1 after 50%% and 75%% of them (default: %(default)s)",
-  )
-  group.add_argument(
-    "--batch-size",
-    type=int,
-    default=batch_size,
-    help="global batch, split over the devices (default: %(default)s)",
-  )
-  group.add_argument(
-    "--lr",
-    type=float,
-    default=None,
-    help="base learning rate replacing the paper's value for this optimizer",
-  )
-  group.add_argument(
-    "--hparam",
-    action="append",
-    type=parse_hparam,
-    default=[],
-    metavar="KEY=VALUE",
-    help="another optimizer hyperparameter replacing the paper's, e.g. p=0.25 or weight_decay=1e-4 (repeatable)",
-  )
-  group.add_argument(
-    "--data-dir",
-    default=None,
-    help="folder holding the dataset files (default: $PADAM_DATA_DIR, else download to the cache)",
-  )
-  group.add_argument(
-    "--workdir", required=True, help="folder for metrics.jsonl, run.json and checkpoints/"
-  )
-  group.add_argument(
-    "--seed",
-    type=int,
-    default=0,
-    help="seed for initialization, data order and augmentation (default: %(default)s)",
-  )
-  group.add_argument(
-    "--resume",
-    action="store_true",
-    help="continue from the latest checkpoint in --workdir (starts fresh if there is none)",
-  )
-  group.add_argument(
-    "--devices",
-    type=int,
-    default=None,
-    help="number of devices to split the batch over (default: all)",
-  )
-  group.add_argument(
-    "--no-progress",
-    action="store_true",
-    help="no progress bar (one line per epoch is still printed)",
-  )
-  group.add_argument(
+
+
+def field_metadata(config_type: type, name: str) -> dict[str, Any]:
+  """The metadata of field ``name``, merged over the classes that declare it (a subclass that only
+  changes a default keeps the base class's help)."""
+  merged: dict[str, Any] = {}
+  for klass in reversed(config_type.__mro__):
+    declared = vars(klass).get("__dataclass_fields__", {})
+    if name in declared:
+      merged.update(declared[name].metadata)
+  return merged
+
+
+def check_choices(config: Any) -> None:
+  """Raises ValueError, listing the valid values, for a field whose value is not in its ``choices``."""
+  for f in dataclasses.fields(config):
+    choices = field_metadata(type(config), f.name).get("choices")
+    value = getattr(config, f.name)
+    if choices is not None and value not in choices:
+      raise ValueError(f"unknown {f.name} {value!r}; valid {f.name}s: {', '.join(choices)}")
+
+
+SHARED_GROUP = "training (shared by every trainer)"
+
+
+def _base_type(annotation: Any) -> Any:
+  """``int | None`` -> ``int``; other annotations as they are."""
+  if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    (base,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return base
+  return annotation
+
+
+def _is_mapping(annotation: Any) -> bool:
+  return typing.get_origin(annotation) in (Mapping, dict) or annotation in (Mapping, dict)
+
+
+def _flag_kwargs(f: dataclasses.Field, annotation: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
+  """``add_argument``'s keywords (but the name) for field ``f`` of type ``annotation``."""
+  text = meta["help"]() if callable(meta["help"]) else meta["help"]
+  kwargs: dict[str, Any] = {"dest": f.name, "help": text.replace("%", "%%")}
+  base = _base_type(annotation)
+  if base is bool:
+    nullable = base is not annotation
+    kwargs["action"] = argparse.BooleanOptionalAction if nullable else "store_true"
+    if f.default is True:
+      kwargs["action"] = "store_false"
+    return kwargs
+  if _is_mapping(base):
+    return {**kwargs, "action": "append", "type": parse_hparam, "default": []}
+  kwargs["type"] = base
+  if meta.get("required"):
+    kwargs["required"] = True
+  elif f.default is not None:
+    kwargs["help"] += " (default: %(default)s)"
+  if "choices" in meta:
+    kwargs["choices"] = list(meta["choices"])
+  return kwargs
+
+
+def _add_flag(group: Any, f: dataclasses.Field, annotation: Any, meta: Mapping[str, Any]) -> None:
+  name = meta.get("flag", f.name.replace("_", "-"))
+  if f.default is True:
+    name = f"no-{name}"
+  kwargs = _flag_kwargs(f, annotation, meta)
+  if kwargs.get("action") in (None, "append"):
+    kwargs["metavar"] = meta.get("metavar", name.upper().replace("-", "_"))
+  if "default" not in kwargs and f.default is not dataclasses.MISSING:
+    kwargs["default"] = f.default
+  group.add_argument(f"--{name}", **kwargs)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
+  """Adds a flag for every field of the dataclass ``config_type`` made with :func:`setting`.
+
+  The fields of its root class (``examples.training.LoopConfig``) go in a group shared by every
+  trainer, together with ``--no-xnnpack`` and ``--distributed``; the task's own fields come first.
+  A field ``name`` is set by ``--name`` (``_`` as ``-``, or its ``flag`` metadata) with the type of its
+  annotation; a bool is a switch (``--no-NAME`` when it defaults to True; ``--NAME/--no-NAME`` when
+  it may be None); a mapping is a repeatable ``KEY=VALUE`` (:func:`parse_hparam`). The default is
+  the field's, appended to the help when it is not None (nor a switch's or a mapping's).
+  """
+  root = [k for k in config_type.__mro__ if dataclasses.is_dataclass(k)][-1]
+  shared_names = {f.name for f in dataclasses.fields(root)}
+  shared = parser.add_argument_group(SHARED_GROUP)
+  annotations = typing.get_type_hints(config_type)
+  own = [f for f in dataclasses.fields(config_type) if f.name not in shared_names]
+  common = [f for f in dataclasses.fields(config_type) if f.name in shared_names]
+  for group, fields in ((parser, own), (shared, common)):
+    for f in fields:
+      meta = field_metadata(config_type, f.name)
+      if meta.get("cli", True) and "help" in meta:
+        _add_flag(group, f, annotations[f.name], meta)
+  shared.add_argument(
     "--no-xnnpack",
     action="store_true",
     help=f"do not add {XNNPACK_FLAG} to $XLA_FLAGS (XLA:CPU only)",
   )
-  group.add_argument(
+  shared.add_argument(
     "--distributed",
     action="store_true",
     help="call jax.distributed.initialize() first (multi-host launch)",
   )
 
 
-def loop_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-  """The ``LoopConfig`` fields from flags added by :func:`add_common_flags`."""
-  return {
-    "optimizer": args.optimizer,
-    "epochs": args.epochs,
-    "batch_size": args.batch_size,
-    "workdir": args.workdir,
-    "seed": args.seed,
-    "resume": args.resume,
-    "learning_rate": args.lr,
-    "hparams": dict(args.hparam),
-    "devices": args.devices,
-    "progress": not args.no_progress,
-  }
+def config_from_args(config_type: type, args: argparse.Namespace) -> Any:
+  """The config of type ``config_type`` from the flags that :func:`add_config_flags` added."""
+  annotations = typing.get_type_hints(config_type)
+  values = {}
+  for f in dataclasses.fields(config_type):
+    if not hasattr(args, f.name):
+      continue  # a field without a flag keeps its default
+    value = getattr(args, f.name)
+    values[f.name] = dict(value) if _is_mapping(_base_type(annotations[f.name])) else value
+  return config_type(**values)
 
 
 def run(

@@ -33,9 +33,10 @@ AMSGrad is PyTorch's ``Adam(amsgrad=True)`` (the maximum of the raw second
 moment, as the authors ran it), which is ``padam_jax.padam`` at ``p = 1/2``;
 ``optax.amsgrad`` takes the maximum of the bias-corrected moment instead.
 
-The partially adaptive family and AMSBound are not in the paper; their entries
-are untuned starting points derived from Padam's values (see
-:func:`paper_hyperparams`). Gradient clipping (language models) is not part of
+The registry is a table, :data:`REGISTRY`: name -> builder and default
+hyperparameters (per task where they differ). The partially adaptive family and
+AMSBound are not in the paper; their entries are untuned starting points derived
+from Padam's values (see :func:`paper_hyperparams`). Gradient clipping (language models) is not part of
 the registry: chain ``optax.clip_by_global_norm`` before ``setup.tx``.
 """
 
@@ -52,16 +53,6 @@ import optax
 
 import padam_jax
 
-PAPER_OPTIMIZERS = ("sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam")
-FAMILY = (
-    "partial_adam",
-    "partial_rmsprop",
-    "partial_adagrad",
-    "partial_adamax",
-    "partial_adadelta",
-    "padamw",
-)
-NAMES = PAPER_OPTIMIZERS + FAMILY + ("amsbound",)
 TASKS = ("cifar10", "ptb2", "ptb3")
 
 DECAY_FACTOR = 0.1
@@ -83,18 +74,8 @@ class OptimizerSetup:
   hyperparams: dict[str, Any]
 
 
-def _per_task(cifar10: Any, ptb2: Any, ptb3: Any) -> dict[str, Any]:
-  return {"cifar10": cifar10, "ptb2": ptb2, "ptb3": ptb3}
-
-
-# Values that differ between tasks, from the paper's Section 5.
-_PADAM_LR = _per_task(0.1, 0.01, 1.0)
-_PADAM_P = _per_task(0.125, 0.4, 0.2)
-_L2 = _per_task(5e-4, 0.0, 0.0)
-
-
 def paper_hyperparams(name: str, task: str) -> dict[str, Any]:
-  """Returns the default hyperparameters of optimizer ``name`` on ``task``.
+  """Returns the default hyperparameters of optimizer ``name`` on ``task`` (from :data:`REGISTRY`).
 
   Keys are the ones :func:`make_optimizer` accepts as overrides. For the
   partially adaptive family (not in the paper): Padam's ``p`` for the task;
@@ -111,41 +92,7 @@ def paper_hyperparams(name: str, task: str) -> dict[str, Any]:
   """
   _check_choice("optimizer", name, NAMES)
   _check_choice("task", task, TASKS)
-  t = task
-  ptb = t != "cifar10"
-  adaptive_lr = 1e-3
-  if name == "sgdm":
-    return {"learning_rate": _per_task(0.1, 1.0, 10.0)[t], "momentum": 0.9,
-            "nesterov": False, "weight_decay": _L2[t]}
-  if name in ("adam", "amsgrad"):
-    return {"learning_rate": adaptive_lr, "b1": 0.9, "b2": 0.999 if ptb else 0.99,
-            "eps": 1e-8, "weight_decay": _L2[t]}
-  if name == "adamw":
-    return {"learning_rate": adaptive_lr, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-            "weight_decay_normalized": _per_task(0.025, 4e-4, 4e-4)[t],
-            "weight_decay": None}
-  if name == "yogi":
-    return {"learning_rate": _per_task(1e-3, 0.01, 0.1)[t], "b1": 0.9, "b2": 0.999,
-            "eps": 1e-3, "weight_decay": _L2[t]}
-  if name in ("adabound", "amsbound"):
-    return {"learning_rate": adaptive_lr, "final_lr": _per_task(0.1, 10.0, 100.0)[t],
-            "b1": 0.9, "b2": 0.999, "eps": 1e-8, "gamma": 1e-3, "weight_decay": _L2[t]}
-  if name in ("padam", "partial_adam", "padamw"):
-    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t], "b1": 0.9, "b2": 0.999,
-            "eps": 1e-8, "weight_decay": _L2[t]}
-  if name == "partial_adamax":
-    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t], "b1": 0.9, "b2": 0.999,
-            "eps": 1e-8, "weight_decay": _L2[t]}
-  if name == "partial_rmsprop":
-    return {"learning_rate": _PADAM_LR[t] * (1 - 0.9), "p": _PADAM_P[t], "decay": 0.999,
-            "eps": 1e-8, "momentum": 0.9, "weight_decay": _L2[t]}
-  if name == "partial_adagrad":
-    return {"learning_rate": _PADAM_LR[t], "p": _PADAM_P[t],
-            "initial_accumulator_value": 0.0, "eps": 1e-10, "weight_decay": _L2[t]}
-  if name == "partial_adadelta":
-    return {"learning_rate": 1.0, "p": _PADAM_P[t], "rho": 0.9, "eps": 1e-6,
-            "weight_decay": _L2[t]}
-  raise AssertionError(name)  # every name in NAMES is handled above
+  return REGISTRY[name].for_task(task)
 
 
 def step_decay_boundaries(total_steps: int) -> dict[int, float]:
@@ -243,7 +190,7 @@ def make_optimizer(
     hyperparams["weight_decay"] = normalized_weight_decay(
         hyperparams["weight_decay_normalized"], batch_size, train_size, epochs)
 
-  tx = _BUILDERS[name](schedule, dict(hyperparams))
+  tx = REGISTRY[name].build(schedule, dict(hyperparams))
   log = {
       "optimizer": name,
       "task": task,
@@ -316,14 +263,99 @@ def _family(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.Gradi
   return build
 
 
-_BUILDERS: dict[str, Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]] = {
-    "sgdm": _sgdm,
-    "adam": _adam,
-    "amsgrad": _amsgrad,
-    "adamw": _adamw,
-    "yogi": _yogi,
-    "adabound": _bound("adabound"),
-    "amsbound": _bound("amsbound"),
-    "padam": _padam,
-    **{name: _family(name) for name in FAMILY},
+Builder = Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]
+
+
+class PerTask(dict):
+  """A hyperparameter whose value depends on the task: ``PerTask(cifar10=..., ptb2=..., ptb3=...)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One optimizer of the registry.
+
+  Attributes:
+    build: ``(schedule, hyperparams) -> optax.GradientTransformation``.
+    hyperparams: the defaults, in the order they are logged; a :class:`PerTask` value differs by task.
+    group: ``"paper"`` (the seven the paper compares, Section 5), ``"family"`` (the partially
+      adaptive family) or ``"extra"``.
+  """
+
+  build: Builder
+  hyperparams: Mapping[str, Any]
+  group: str = "paper"
+
+  def for_task(self, task: str) -> dict[str, Any]:
+    """The hyperparameters for ``task``, as a new dict."""
+    return {k: v[task] if isinstance(v, PerTask) else v for k, v in self.hyperparams.items()}
+
+
+def _tasks(cifar10: Any, ptb2: Any, ptb3: Any) -> PerTask:
+  return PerTask(cifar10=cifar10, ptb2=ptb2, ptb3=ptb3)
+
+
+# Values that differ between tasks, from the paper's Section 5.
+_PADAM_LR = _tasks(0.1, 0.01, 1.0)
+_PADAM_P = _tasks(0.125, 0.4, 0.2)
+_L2 = _tasks(5e-4, 0.0, 0.0)
+_ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+_BOUND = {"learning_rate": 1e-3, "final_lr": _tasks(0.1, 10.0, 100.0), **_ADAM, "gamma": 1e-3,
+          "weight_decay": _L2}
+_PARTIAL_ADAM = {"learning_rate": _PADAM_LR, "p": _PADAM_P, **_ADAM, "weight_decay": _L2}
+
+# The registry: name -> builder and default hyperparameters. Its order is NAMES's: the paper's seven,
+# then the partially adaptive family and AMSBound (not in the paper: untuned starting points).
+REGISTRY: dict[str, Entry] = {
+  "sgdm": Entry(
+    _sgdm,
+    {"learning_rate": _tasks(0.1, 1.0, 10.0), "momentum": 0.9, "nesterov": False,
+     "weight_decay": _L2},
+  ),
+  "adam": Entry(
+    _adam,
+    {"learning_rate": 1e-3, "b1": 0.9, "b2": _tasks(0.99, 0.999, 0.999), "eps": 1e-8,
+     "weight_decay": _L2},
+  ),
+  "amsgrad": Entry(
+    _amsgrad,
+    {"learning_rate": 1e-3, "b1": 0.9, "b2": _tasks(0.99, 0.999, 0.999), "eps": 1e-8,
+     "weight_decay": _L2},
+  ),
+  "adamw": Entry(
+    _adamw,
+    {"learning_rate": 1e-3, **_ADAM, "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4),
+     "weight_decay": None},
+  ),
+  "yogi": Entry(
+    _yogi,
+    {"learning_rate": _tasks(1e-3, 0.01, 0.1), "b1": 0.9, "b2": 0.999, "eps": 1e-3,
+     "weight_decay": _L2},
+  ),
+  "adabound": Entry(_bound("adabound"), _BOUND),
+  "padam": Entry(_padam, _PARTIAL_ADAM),
+  "partial_adam": Entry(_family("partial_adam"), _PARTIAL_ADAM, group="family"),
+  "partial_rmsprop": Entry(
+    _family("partial_rmsprop"),
+    {"learning_rate": PerTask({t: lr * (1 - 0.9) for t, lr in _PADAM_LR.items()}), "p": _PADAM_P,
+     "decay": 0.999, "eps": 1e-8, "momentum": 0.9, "weight_decay": _L2},
+    group="family",
+  ),
+  "partial_adagrad": Entry(
+    _family("partial_adagrad"),
+    {"learning_rate": _PADAM_LR, "p": _PADAM_P, "initial_accumulator_value": 0.0,
+     "eps": 1e-10, "weight_decay": _L2},
+    group="family",
+  ),
+  "partial_adamax": Entry(_family("partial_adamax"), _PARTIAL_ADAM, group="family"),
+  "partial_adadelta": Entry(
+    _family("partial_adadelta"),
+    {"learning_rate": 1.0, "p": _PADAM_P, "rho": 0.9, "eps": 1e-6, "weight_decay": _L2},
+    group="family",
+  ),
+  "padamw": Entry(_family("padamw"), _PARTIAL_ADAM, group="family"),
+  "amsbound": Entry(_bound("amsbound"), _BOUND, group="extra"),
 }
+
+NAMES = tuple(REGISTRY)
+PAPER_OPTIMIZERS = tuple(name for name, entry in REGISTRY.items() if entry.group == "paper")
+FAMILY = tuple(name for name, entry in REGISTRY.items() if entry.group == "family")

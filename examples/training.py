@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from examples import metrics, optimizers
+from examples import cli, metrics, optimizers
 
 Batch = Any  # a pytree of arrays whose leading axis is the batch (sharded over "data")
 Carry = Any  # a pytree of arrays whose leading axis is the batch, or None
@@ -68,32 +68,50 @@ class NonFiniteLossError(RuntimeError):
 class LoopConfig:
   """What every trainer's config has; a task's config subclasses it and adds its own fields.
 
-  Attributes:
-    optimizer: a name from ``examples.optimizers.NAMES``.
-    epochs: total epochs of the run (it places the learning-rate decays).
-    batch_size: global batch, split over the devices (must be a multiple of their number).
-    workdir: folder for ``metrics.jsonl``, ``run.json`` and ``checkpoints/``.
-    seed: the one seed of the run (initialization, data order, augmentation, dropout).
-    resume: continue from the latest checkpoint in ``workdir`` (starts fresh if there is none).
-    learning_rate: base learning rate replacing the paper's, or None.
-    hparams: other optimizer hyperparameters replacing the paper's (``{"p": 0.25}``).
-    devices: how many devices to use (the first ones of ``jax.devices()``); None for all.
-    progress: show a progress bar.
-    stop_after_epoch: stop cleanly after this epoch, as if killed there (for tests and preemptible
-      jobs); the run can be resumed to ``epochs``.
+  Each field's ``metadata["help"]`` says what it means (it is also the help of its flag). Making a
+  config checks the names it holds (the optimizer here, a task's model) against their choices.
   """
 
-  optimizer: str = "padam"
-  epochs: int = 1
-  batch_size: int = 128
-  workdir: str = "runs/default"
-  seed: int = 0
-  resume: bool = False
-  learning_rate: float | None = None
-  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  devices: int | None = None
-  progress: bool = True
-  stop_after_epoch: int | None = None
+  optimizer: str = cli.setting(
+    "padam",
+    choices=optimizers.NAMES,
+    metavar="OPT",
+    help=f"optimizer from the registry: {', '.join(optimizers.NAMES)}",
+  )
+  epochs: int = cli.setting(
+    1, help="total epochs; the learning rate is x0.1 after 50% and 75% of them"
+  )
+  batch_size: int = cli.setting(128, help="global batch, split over the devices")
+  workdir: str = cli.setting(
+    "runs/default", required=True, help="folder for metrics.jsonl, run.json and checkpoints/"
+  )
+  seed: int = cli.setting(0, help="seed for initialization, data order and augmentation")
+  resume: bool = cli.setting(
+    False,
+    help="continue from the latest checkpoint in --workdir (starts fresh if there is none)",
+  )
+  learning_rate: float | None = cli.setting(
+    None, flag="lr", help="base learning rate replacing the paper's value for this optimizer"
+  )
+  hparams: Mapping[str, Any] = cli.setting(
+    default_factory=dict,
+    flag="hparam",
+    metavar="KEY=VALUE",
+    help="another optimizer hyperparameter replacing the paper's, e.g. p=0.25 or "
+    "weight_decay=1e-4 (repeatable)",
+  )
+  devices: int | None = cli.setting(
+    None, help="number of devices to split the batch over (default: all)"
+  )
+  progress: bool = cli.setting(True, help="no progress bar (one line per epoch is still printed)")
+  # Stop cleanly after this epoch, as if killed there (for tests and preemptible jobs); the run can
+  # be resumed to ``epochs``.
+  stop_after_epoch: int | None = cli.setting(
+    None, cli=False, help="stop cleanly after this epoch, as if killed there"
+  )
+
+  def __post_init__(self):
+    cli.check_choices(self)
 
 
 class Evaluator:

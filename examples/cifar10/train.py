@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from examples import optimizers, training
+from examples import cli, training
 from examples.cifar10 import input_pipeline, models
 
 
@@ -27,20 +27,29 @@ from examples.cifar10 import input_pipeline, models
 class Config(training.LoopConfig):
   """A CIFAR-10 run. The shared fields (optimizer, epochs, ...) are those of ``LoopConfig``.
 
-  Attributes:
-    model: a name from ``models.MODELS``.
-    train_size: a class-balanced subset of the training set of this size, or None for all 50,000.
-    test_size: the same for the test set (10,000).
-    data_dir: folder holding ``cifar10.npz``; None looks at ``$PADAM_DATA_DIR``, then the cache.
-    eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
+  Each field's ``metadata["help"]`` says what it means (the help of its flag).
   """
 
-  model: str = "resnet20"
+  model: str = cli.setting(
+    "resnet20",
+    choices=models.MODELS,
+    metavar="MODEL",
+    help=lambda: f"network: {', '.join(models.MODELS)}",
+  )
   epochs: int = 200
-  train_size: int | None = None
-  test_size: int | None = None
-  data_dir: str | None = None
-  eval_batch_size: int = 1000
+  train_size: int | None = cli.setting(
+    None, help="class-balanced, seeded subset of the 50,000 training images"
+  )
+  test_size: int | None = cli.setting(
+    None, help="class-balanced, seeded subset of the 10,000 test images"
+  )
+  data_dir: str | None = cli.setting(
+    None,
+    help="folder holding cifar10.npz (default: $PADAM_DATA_DIR, else download to the cache)",
+  )
+  eval_batch_size: int = cli.setting(
+    1000, help="evaluation batch (rounded up to a multiple of the devices)"
+  )
 
 
 class Cifar10Task(training.Task):
@@ -50,8 +59,6 @@ class Cifar10Task(training.Task):
   unit = "images"
 
   def __init__(self, config: Config, train: input_pipeline.Split, test: input_pipeline.Split):
-    if config.model not in models.MODELS:
-      raise ValueError(f"unknown model {config.model!r}; valid models: {', '.join(models.MODELS)}")
     self.model_name = config.model
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
@@ -141,13 +148,7 @@ def train_and_evaluate(config: Config) -> list[dict[str, Any]]:
     One dict per epoch with ``epoch``, ``step``, ``lr``, ``train_loss``, ``train_acc``,
     ``test_loss``, ``test_acc``, ``epoch_seconds``, ``images_per_second`` and a few more.
   """
-  # Fail on a bad name before spending seconds on loading the data.
-  if config.model not in models.MODELS:
-    raise ValueError(f"unknown model {config.model!r}; valid models: {', '.join(models.MODELS)}")
-  if config.optimizer not in optimizers.NAMES:
-    raise ValueError(
-      f"unknown optimizer {config.optimizer!r}; valid: {', '.join(optimizers.NAMES)}"
-    )
+  # The config has checked its model and optimizer names; a bad one fails before the data loads.
   train, test = input_pipeline.load(
     config.data_dir, config.train_size, config.test_size, config.seed
   )

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from examples import optimizers, training
+from examples import cli, training
 from examples.ptb import input_pipeline, models
 
 
@@ -39,26 +39,45 @@ from examples.ptb import input_pipeline, models
 class Config(training.LoopConfig):
   """A PTB run. The shared fields (optimizer, epochs, ...) are those of ``LoopConfig``.
 
-  Attributes:
-    model: a name from ``models.MODELS``.
-    bptt: window length; None: the model's default.
-    clip: maximal global gradient norm; None: the model's default; 0: no clipping.
-    tie_weights: share embedding and softmax weights; None: the model's default.
-    train_tokens: train on the first this many tokens of the training stream only (quick runs).
-    eval_batch_size: rows the validation and test streams are cut into.
-    data_dir: folder holding ``ptb.{train,valid,test}.txt``; None looks at ``$PADAM_DATA_DIR``,
-      then the download cache.
+  Each field's ``metadata["help"]`` says what it means (the help of its flag); None for ``bptt``,
+  ``clip`` or ``tie_weights`` takes the model's value.
   """
 
-  model: str = "lstm2-small"
+  model: str = cli.setting(
+    "lstm2-small", choices=models.MODELS, metavar="MODEL", help=lambda: f"network: {_model_help()}"
+  )
   epochs: int = 200
   batch_size: int = 20
-  bptt: int | None = None
-  clip: float | None = None
-  tie_weights: bool | None = None
-  train_tokens: int | None = None
-  eval_batch_size: int = 10
-  data_dir: str | None = None
+  bptt: int | None = cli.setting(
+    None, help="steps per truncated-BPTT window (default: the model's)"
+  )
+  clip: float | None = cli.setting(
+    None, help="clip the gradient to this global norm, 0 for none (default: the model's)"
+  )
+  tie_weights: bool | None = cli.setting(
+    None, help="share the embedding and softmax matrices (default: the model's)"
+  )
+  train_tokens: int | None = cli.setting(
+    None, help="train on the first N tokens of the training stream only (quick runs; default: all)"
+  )
+  eval_batch_size: int = cli.setting(
+    10, help="rows the valid/test streams are cut into; 1 scores them as one sequence"
+  )
+  data_dir: str | None = cli.setting(
+    None,
+    help="folder holding ptb.{train,valid,test}.txt (default: $PADAM_DATA_DIR, else download to "
+    "the cache)",
+  )
+
+
+def _model_help() -> str:
+  rows = []
+  for name, spec in models.MODELS.items():
+    sizes = "x".join(str(h) for h in spec.hidden_sizes)
+    rows.append(
+      f"{name} (embed {spec.embed_size}, LSTM {sizes}, bptt {spec.bptt}, clip {spec.clip})"
+    )
+  return "; ".join(rows)
 
 
 def _perplexity(loss: float) -> float:
@@ -162,12 +181,9 @@ def train_and_evaluate(
     ValueError: for an unknown model or optimizer name (listing the valid ones), or bad settings.
     input_pipeline.DataError: for missing or inconsistent data.
   """
-  # Fail on a bad name before spending seconds on reading the data.
+  # The config has checked its model and optimizer names; fail on a model that cannot be tied
+  # before spending seconds on reading the data.
   models.get_spec(config.model, tie_weights=config.tie_weights)
-  if config.optimizer not in optimizers.NAMES:
-    raise ValueError(
-      f"unknown optimizer {config.optimizer!r}; valid: {', '.join(optimizers.NAMES)}"
-    )
   if corpus is None:
     corpus = input_pipeline.load(config.data_dir, config.train_tokens)
   elif config.train_tokens is not None:
