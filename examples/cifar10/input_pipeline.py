@@ -31,7 +31,7 @@ import numpy as np
 NPZ_NAME = "cifar10.npz"
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
-# The reference code's normalization constants (REFERENCE.md §2).
+# The normalization constants of the authors' reference PyTorch code.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 PAD = 4

@@ -1,6 +1,6 @@
 """The paper's CIFAR-10 networks and CPU-sized ResNets, in Flax NNX.
 
-The paper's three models follow the authors' reference code (REFERENCE.md §2):
+The paper's three models follow the authors' reference PyTorch code:
 
 - ``vgg16``: conv3x3(bias)-BN-ReLU blocks, configuration 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M,
   then one linear layer 512 -> 10, no dropout.

@@ -6,7 +6,7 @@ figure is that run's ``images_per_second`` (compilation excluded). The 1-minute 
 recorded before and after each run, since on a shared machine other work slows it down::
 
   python -m examples.cifar10.speed --models resnet8 resnet20 --steps 20 \\
-      --data-dir ../shared/data --out examples/results/cifar10-cpu-speed.jsonl
+      --data-dir DIR --out examples/results/cifar10-cpu-speed.jsonl
 """
 
 from __future__ import annotations

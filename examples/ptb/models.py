@@ -1,7 +1,7 @@
 """LSTM language models for Penn Treebank, in Flax NNX.
 
-The paper trains "2-layer" and "3-layer" LSTMs on PTB without giving their sizes, and its reference
-code has no language model (REFERENCE.md §2). Its test perplexities (58-64) are those of a
+The paper trains "2-layer" and "3-layer" LSTMs on PTB without giving their sizes, and the authors'
+reference PyTorch code has no language model. Its test perplexities (58-64) are those of a
 regularized model in the style of AWD-LSTM (Merity et al., 2018: 58.8 before fine-tuning), and its
 batch size of 20 is AWD-LSTM's for PTB. So:
 

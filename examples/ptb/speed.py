@@ -8,7 +8,7 @@ lines of the real ones (same vocabulary, from the whole training file). The 1-mi
 recorded before and after each run, since on a shared machine other work slows it down::
 
   python -m examples.ptb.speed --models lstm2-small lstm2-medium --steps 30 \\
-      --data-dir ../shared/data/ptb --out examples/results/ptb-cpu-speed.jsonl
+      --data-dir DIR --out examples/results/ptb-cpu-speed.jsonl
 """
 
 from __future__ import annotations
