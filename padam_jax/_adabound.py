@@ -129,11 +129,11 @@ def scale_by_adabound(
     )
 
     def step(m, v):
-      dtype = m.dtype
+      dtype = v.dtype  # real; m may be complex
       # sqrt(v) + eps may be 0 (eps = 0, no gradient yet): inf clips to the
       # finite upper bound and multiplies m = 0, so no guard is needed.
-      eta = step_size.astype(dtype) / (jnp.sqrt(v) + jnp.asarray(eps, dtype))
-      return jnp.clip(eta, lower.astype(dtype), upper.astype(dtype)) * m
+      eta = step_size.astype(dtype) / _adam_like.ADAM.denominator(eps, v)
+      return jnp.clip(eta, lower.astype(dtype), upper.astype(dtype)).astype(m.dtype) * m
 
     steps = jax.tree.map(step, moments["mu"], denominators)
     return steps, ScaleByAdaboundState(count=count_inc, **_adam_like.cast_moments(moments, state))
@@ -203,7 +203,7 @@ def adabound(
   """
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+      _common.add_decayed_weights(weight_decay, mask),
       scale_by_adabound(
           learning_rate, final_lr, b1, b2, eps, gamma, amsbound=amsbound, mu_dtype=mu_dtype
       ),

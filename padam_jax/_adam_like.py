@@ -43,8 +43,8 @@ def _adam_denominator(eps: jax.typing.ArrayLike, v: jax.Array) -> jax.Array:
 def _infinity_norm(
     b2: jax.typing.ArrayLike, eps: jax.typing.ArrayLike, g: jax.Array, u: jax.Array
 ) -> jax.Array:
-  g = g.astype(u.dtype)
-  return jnp.maximum(jnp.asarray(b2, u.dtype) * u, jnp.abs(g) + jnp.asarray(eps, u.dtype))
+  magnitude = jnp.abs(_common.like_moment(g, u.dtype)).astype(u.dtype)  # real for complex g
+  return jnp.maximum(jnp.asarray(b2, u.dtype) * u, magnitude + jnp.asarray(eps, u.dtype))
 
 
 def _first_moment_correction(b1: Any, b2: Any, count: jax.Array) -> jax.Array:
@@ -69,10 +69,13 @@ ADAMAX = SecondMoment(
 def init_moments(
     params: optax.Params, mu_dtype: jnp.dtype | None, *, running_max: bool
 ) -> dict[str, optax.Updates]:
-  """Zero moments ``mu``, ``nu`` and, with ``running_max``, ``nu_max``."""
-  moments = {"mu": _common.zeros_moment(params, mu_dtype), "nu": _common.zeros_moment(params)}
+  """Zero moments ``mu``, ``nu`` and, with ``running_max``, ``nu_max`` (real, of ``|g|``)."""
+  moments = {
+      "mu": _common.zeros_moment(params, mu_dtype),
+      "nu": _common.zeros_moment(params, real=True),
+  }
   if running_max:
-    moments["nu_max"] = _common.zeros_moment(params)
+    moments["nu_max"] = _common.zeros_moment(params, real=True)
   return moments
 
 
@@ -138,7 +141,6 @@ def scale_by_partial_moments(
   _validation.check_betas(b1, b2)
   _validation.check_interval("eps", eps, 0.0)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  guard_zero = _common.eps_may_be_zero(eps)
 
   def init_fn(params: optax.Params) -> Any:
     return state_type(
@@ -151,14 +153,16 @@ def scale_by_partial_moments(
   ) -> tuple[optax.Updates, Any]:
     del params
     count_inc = optax.safe_increment(state.count)
-    two_p = 2 * _common.evaluate(p, state.count)
+    two_p = _common.partial_exponent(p, state.count)
     scale = rule.correction(b1, b2, count_inc) if bias_correction else None
     moments, statistic = update_moments(
         rule, b1, b2, eps, updates, state, running_max=running_max
     )
 
     def step(m, v):
-      # d = 0 only where every gradient was 0, so m = 0 too: no step there.
+      # d = 0 only where every gradient was 0, so m = 0 too: no step there. The guard
+      # is needed when eps may be 0 in v's dtype (float16 rounds 1e-8 to 0).
+      guard_zero = _common.eps_may_be_zero(eps, v.dtype)
       out = _common.partial_divide(m, rule.denominator(eps, v), two_p, guard_zero=guard_zero)
       return out if scale is None else scale.astype(out.dtype) * out
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from padam_jax import _power, _validation
@@ -18,6 +19,27 @@ ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.typing.ArrayLike], jax.t
 def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
   """Returns a hyperparameter at a step: a schedule called on ``count``, a number as is."""
   return value(count) if callable(value) else value
+
+
+def partial_exponent(p: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayLike:
+  """The exponent ``2p`` at a step, with ``p`` clipped into ``[0, 1/2]`` when it is not known
+  when the optimizer is built.
+
+  A number was checked by the factory and is used as given (a Python number keeps
+  :func:`padam_jax._power.inverse_power`'s forms chosen while tracing). A schedule's
+  value and a traced ``p`` (``optax.inject_hyperparams`` under ``jit``) cannot be
+  checked: they are clipped, so ``p`` beyond ``1/2`` acts as ``1/2`` and below 0 as 0
+  (NaN stays NaN).
+  """
+  value = evaluate(p, count)
+  if not (callable(p) or isinstance(p, jax.core.Tracer)):
+    return 2 * value
+  if _power.static_exponent(value) is not None:  # a schedule that returns Python numbers
+    return 2 * min(max(float(value), 0.0), 0.5)
+  return 2 * jnp.clip(value, 0.0, 0.5)
+
+
+_HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def one_minus_power(decay: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
@@ -58,24 +80,58 @@ def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
   return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float_))
 
 
-def zeros_moment(params: optax.Params, dtype: jax.typing.DTypeLike | None = None) -> optax.Params:
-  """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`."""
-  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype or float_dtype(x.dtype)), params)
+def real_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+  """The dtype of second moments: :func:`float_dtype`, real (float32 for complex64)."""
+  return jnp.finfo(float_dtype(dtype)).dtype
 
 
-def eps_may_be_zero(eps: Any) -> bool:
-  """Whether ``eps`` may be zero at run time, so ``0 ** -q`` must be guarded."""
+def like_moment(g: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``g`` in the real moment dtype ``dtype``, or in its complex counterpart if ``g`` is complex."""
+  if jnp.iscomplexobj(g):
+    return g.astype(jnp.complex128 if dtype == jnp.float64 else jnp.complex64)
+  return g.astype(dtype)
+
+
+def zeros_moment(
+    params: optax.Params, dtype: jax.typing.DTypeLike | None = None, *, real: bool = False
+) -> optax.Params:
+  """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`
+  (:func:`real_dtype` with ``real``, for the moments of ``|g|^2``)."""
+  leaf_dtype = real_dtype if real else float_dtype
+  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype or leaf_dtype(x.dtype)), params)
+
+
+def eps_may_be_zero(eps: Any, dtype: jax.typing.DTypeLike | None = None) -> bool:
+  """Whether ``eps`` may be zero at run time, so ``0 ** -q`` must be guarded.
+
+  With ``dtype``, ``eps`` as rounded to it: float16 rounds the usual 1e-8 to 0.
+  """
   value = _validation.concrete_float(eps)
+  if value is not None and dtype is not None:
+    value = float(np.asarray(value, dtype))
   return value is None or value == 0.0
 
 
+def squared_magnitude(g: jax.Array) -> jax.Array:
+  """``|g|^2``, real: ``g * g``, or ``re^2 + im^2`` for complex ``g`` (as Optax's moments)."""
+  if jnp.iscomplexobj(g):
+    re, im = jnp.real(g), jnp.imag(g)
+    return re * re + im * im
+  return g * g
+
+
 def ema(decay: jax.typing.ArrayLike, g: jax.Array, old: jax.Array, order: int) -> jax.Array:
-  """``decay * old + (1 - decay) * g**order`` in the gradient's float dtype."""
-  dtype = float_dtype(g.dtype)
-  g = g.astype(dtype)
+  """``decay * old + (1 - decay) * g`` (order 1) or ``... * |g|^2`` (order 2, real), in the
+  gradient's float dtype."""
+  g = g.astype(float_dtype(g.dtype))
+  term = g if order == 1 else squared_magnitude(g)
+  dtype = term.dtype
   # 1 - decay before rounding to float32, as in Padam: 1 - float32(0.999) is off by 1e-5.
   weight = jnp.asarray(1 - decay, dtype)
-  return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * (g if order == 1 else g * g)
+  if _validation.concrete_float(decay) == 0.0:
+    # No memory: 0 * old would turn a moment that overflowed (float16) into NaN.
+    return weight * term
+  return jnp.asarray(decay, dtype) * old.astype(dtype) + weight * term
 
 
 def partial_divide(
@@ -89,12 +145,46 @@ def partial_divide(
 
   With ``guard_zero`` a zero denominator gives a zero result: the rules only
   meet ``0 ** -q`` where every gradient so far was zero, so the numerator is
-  zero as well and ``0 / 0`` means "no step".
+  zero as well and ``0 / 0`` means "no step". The denominator is real; the
+  numerator may be complex. In float16 and bfloat16 the power and the product are
+  taken in float32 (``1 / 1e-5`` overflows float16) and rounded once.
   """
-  out = numerator * _power.inverse_power(denominator, two_p)
+  if denominator.dtype in _HALF_DTYPES and not jnp.iscomplexobj(numerator):
+    power = _power.inverse_power(denominator.astype(jnp.float32), two_p)
+    out = (numerator.astype(jnp.float32) * power).astype(numerator.dtype)
+  else:
+    power = _power.inverse_power(denominator, two_p)
+    out = numerator * (power if power.dtype == numerator.dtype else power.astype(numerator.dtype))
   if guard_zero:
     out = jnp.where(denominator == 0, jnp.zeros_like(out), out)
   return out
+
+
+def add_decayed_weights(
+    weight_decay: ScalarOrSchedule, mask: Any
+) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` that asks for ``params`` only when it decays.
+
+  With ``weight_decay`` a concrete 0, ``update(updates, state)`` without ``params``
+  passes the updates through (as Optax's own 0 does when given ``params``); with any
+  other value, a missing ``params`` is a ``ValueError`` naming ``weight_decay``. The
+  state is Optax's, unchanged.
+  """
+  inner = optax.add_decayed_weights(weight_decay, mask)
+  no_decay = _validation.concrete_float(weight_decay) == 0.0
+
+  def update_fn(
+      updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.OptState]:
+    if params is not None:
+      return inner.update(updates, state, params)
+    if no_decay:
+      return updates, state
+    raise ValueError(
+        f"weight_decay={weight_decay!r} needs the parameters: call update(updates, state, params)"
+    )
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def coupled_l2(
@@ -107,7 +197,7 @@ def coupled_l2(
   rule's rescaling, then the learning rate. Checks ``weight_decay >= 0``."""
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+      add_decayed_weights(weight_decay, mask),
       scale,
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -134,11 +224,10 @@ def scale_by_partial_accumulator(
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``state_type``.
   """
-  guard_zero = eps_may_be_zero(eps) and eps_may_be_zero(initial_value)
 
   def init_fn(params: optax.Params) -> NamedTuple:
     initial = jax.tree.map(
-        lambda x: jnp.full_like(x, initial_value, dtype=float_dtype(x.dtype)), params
+        lambda x: jnp.full_like(x, initial_value, dtype=real_dtype(x.dtype)), params
     )
     return state_type(jnp.zeros([], jnp.int32), initial)
 
@@ -147,12 +236,13 @@ def scale_by_partial_accumulator(
   ) -> tuple[optax.Updates, NamedTuple]:
     del params
     count, accumulator = state
-    two_p = 2 * evaluate(p, count)
+    exponent = partial_exponent(p, count)
     accumulator = jax.tree.map(accumulate, updates, accumulator)
 
     def step(g, s):
       denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
-      return partial_divide(g.astype(s.dtype), denom, two_p, guard_zero=guard_zero)
+      guard_zero = eps_may_be_zero(eps, s.dtype) and eps_may_be_zero(initial_value, s.dtype)
+      return partial_divide(like_moment(g, s.dtype), denom, exponent, guard_zero=guard_zero)
 
     steps = jax.tree.map(step, updates, accumulator)
     return steps, state_type(optax.safe_increment(count), accumulator)

@@ -59,6 +59,8 @@ def scale_by_partial_amsgrad(
   :math:`u_t = m_t / \hat v_t^p`; coordinates whose gradients have all been zero
   (``vhat = 0``, hence ``m = 0``) get a zero update instead of ``0/0``.
 
+  Complex gradients get real second moments of ``|g|^2``, as in Optax.
+
   Differences from ``optax.amsgrad`` at ``p = 1/2``: optax takes the maximum of
   the *bias-corrected* second moment and applies the two bias corrections to
   ``m`` and ``v`` separately; here (as in PyTorch's ``Adam(amsgrad=True)``) the
@@ -68,7 +70,9 @@ def scale_by_partial_amsgrad(
     p: partially adaptive exponent in ``[0, 1/2]``: ``1/2`` is AMSGrad, ``0`` is
       heavy-ball momentum with effective rate ``lr * (1 - b1)``. A number or a
       schedule (a callable of the step count, evaluated at the number of
-      updates already applied, like Optax learning-rate schedules).
+      updates already applied, like Optax learning-rate schedules). A number
+      is checked when the optimizer is built; a schedule's values are clipped
+      into ``[0, 1/2]`` when used.
     b1: decay rate of the first moment, in ``[0, 1)``.
     b2: decay rate of the second moment, in ``[0, 1)``.
     eps: added to ``sqrt(vhat)`` before the power; ``>= 0``.
@@ -142,6 +146,7 @@ def padam(
     weight_decay: coupled L2 weight decay, ``>= 0`` (5e-4 in the paper's CIFAR runs).
     mask: which parameters weight decay applies to, as in ``optax.adamw``: a
       pytree of bools with the parameters' structure, or a callable returning one.
+      ``update`` needs ``params`` only when ``weight_decay`` is not 0.
     bias_correction: Adam's bias correction (on, as in the reference code).
     mu_dtype: optional dtype of the first moment in the state.
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from padam_jax import _padam, _validation
+from padam_jax import _common, _padam, _validation
 from padam_jax._common import ScalarOrSchedule
 
 
@@ -78,6 +78,6 @@ def padamw(
       _padam.scale_by_partial_amsgrad(
           p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
       ),
-      optax.add_decayed_weights(weight_decay, mask),
+      _common.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -84,8 +84,8 @@ def scale_by_partial_adadelta(
   def init_fn(params: optax.Params) -> ScaleByPartialAdadeltaState:
     return ScaleByPartialAdadeltaState(
         count=jnp.zeros([], jnp.int32),
-        e_g=_common.zeros_moment(params),
-        e_x=_common.zeros_moment(params),
+        e_g=_common.zeros_moment(params, real=True),
+        e_x=_common.zeros_moment(params, real=True),
     )
 
   def update_fn(
@@ -94,14 +94,14 @@ def scale_by_partial_adadelta(
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByPartialAdadeltaState]:
     del params
-    two_p = 2 * _common.evaluate(p, state.count)
+    two_p = _common.partial_exponent(p, state.count)
     e_g = jax.tree.map(lambda g, s: _common.ema(rho, g, s, 2), updates, state.e_g)
 
     def step(g, cur_e_g, prev_e_x):
       e = jnp.asarray(eps, cur_e_g.dtype)
       ratio = jnp.sqrt(cur_e_g + e) / jnp.sqrt(prev_e_x + e)  # > 0 since eps > 0
       return _common.partial_divide(
-          g.astype(cur_e_g.dtype), ratio, two_p, guard_zero=False
+          _common.like_moment(g, cur_e_g.dtype), ratio, two_p, guard_zero=False
       )
 
     steps = jax.tree.map(step, updates, e_g, state.e_x)

@@ -75,8 +75,7 @@ def scale_by_partial_rss(
 
 
 def _sum_of_squares(g: jax.Array, s: jax.Array) -> jax.Array:
-  g = g.astype(s.dtype)
-  return s + g * g
+  return s + _common.squared_magnitude(_common.like_moment(g, s.dtype))
 
 
 def partial_adagrad(

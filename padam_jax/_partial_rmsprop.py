@@ -145,7 +145,7 @@ def partial_rmsprop(
   if momentum is not None:
     _validation.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+      _common.add_decayed_weights(weight_decay, mask),
       scale_by_partial_rms(p, decay, eps, initial_scale),
       optax.trace(momentum, nesterov) if momentum is not None else optax.identity(),
       optax.scale_by_learning_rate(learning_rate),

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -76,7 +77,32 @@ def check_betas(b1: Any, b2: Any) -> None:
 
 
 def check_partial_power(p: Any) -> None:
-  """Checks the partially adaptive exponent ``p``."""
+  """Checks the partially adaptive exponent ``p``: one real number in ``[0, 1/2]`` or a schedule.
+
+  Raises:
+    TypeError: ``p`` is not a real number (a string, ``None``, a complex number, a bool).
+    ValueError: ``p`` is an array of several values, or out of range.
+  """
+  if callable(p) or isinstance(p, jax.core.Tracer):
+    return
+  if not isinstance(p, (bool, np.bool_)):  # a bool gets concrete_float's TypeError
+    try:
+      array = np.asarray(p)
+    except Exception:
+      array = None
+    real = array is not None and (
+        jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
+    )
+    if not real:
+      raise TypeError(
+          f"p must be a real number in [0, 1/2] or a schedule (a callable of the step count), "
+          f"got {p!r}"
+      )
+    if array.shape != ():
+      raise ValueError(
+          f"p must be a single number in [0, 1/2] or a schedule, got an array of shape "
+          f"{array.shape}: {p!r}"
+      )
   check_interval(
       "p", p, 0.0, 0.5,
       description="p=1/2 is the fully adaptive method, p=0 is momentum SGD",
