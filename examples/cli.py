@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -96,6 +97,45 @@ def check_choices(config: Any) -> None:
     if choices is not None and value not in choices:
       raise ValueError(f"unknown {f.name} {value!r}; valid {f.name}s: {', '.join(choices)}")
 
+
+def check_int(flag: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> None:
+  """Raises ValueError naming ``flag``, ``value`` and what is valid unless ``value`` is an int (not
+  a bool) of at least ``minimum`` (or None, when ``optional``)."""
+  if optional and value is None:
+    return
+  if (
+    not isinstance(value, int)
+    or isinstance(value, bool)
+    or (minimum is not None and value < minimum)
+  ):
+    valid = "an integer" + ("" if minimum is None else f" >= {minimum}")
+    raise ValueError(f"{flag} {value!r} is not valid; expected {valid}")
+
+
+def check_number(
+  flag: str, value: Any, *, positive: bool = False, minimum: float | None = None
+) -> None:
+  """Raises ValueError naming ``flag``, ``value`` and what is valid unless ``value`` is a finite
+  number (not a bool), > 0 when ``positive``, >= ``minimum`` when given."""
+  number = isinstance(value, int | float) and not isinstance(value, bool)
+  ok = number and math.isfinite(value)
+  ok = ok and not (positive and value <= 0) and not (minimum is not None and value < minimum)
+  if not ok:
+    valid = "a finite number" + (" > 0" if positive else "")
+    valid += "" if minimum is None else f" >= {minimum:g}"
+    raise ValueError(f"{flag} {value!r} is not valid; expected {valid}")
+
+
+# Exit statuses of the trainers (also in their --help and docs/trainers.md).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # an uncaught exception: Python prints its traceback and exits with 1
+EXIT_USAGE = 2  # bad usage, settings or data; one line (argparse's usage errors are 2 as well)
+EXIT_NON_FINITE = 3  # stopped on a non-finite loss or state; one line naming the last checkpoint
+EXIT_STATUS_HELP = (
+  "Exit status: 0 finished; 1 internal error (a traceback); 2 bad usage, settings or data (one "
+  "line naming the option, the value and what is valid); 3 stopped on a non-finite loss or state "
+  "(one line naming the last finite checkpoint and how to continue from it)."
+)
 
 SHARED_GROUP = "training (shared by every trainer)"
 
@@ -198,12 +238,14 @@ def run(
   """Runs ``main()``; a bad setting, missing data or a non-finite loss exits with a message, not a traceback.
 
   Args:
-    main: the trainer's work.
+    main: the trainer's work (making its config included, so that a bad value is one line).
     args: the parsed flags (for ``--distributed``).
     expected: further exception types to report as one line (e.g. the trainer's data error).
 
   Returns:
-    The process exit status: 0, 1 for a non-finite loss, 2 for bad settings or data.
+    The process exit status: :data:`EXIT_OK`, :data:`EXIT_USAGE` (2) for bad settings or data,
+    :data:`EXIT_NON_FINITE` (3) for a non-finite loss or state. Any other exception propagates
+    (Python exits with 1, :data:`EXIT_INTERNAL`).
   """
   import jax
 
@@ -215,8 +257,8 @@ def run(
     main()
   except training.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return EXIT_NON_FINITE
   except (ValueError, *expected) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    return EXIT_USAGE
+  return EXIT_OK

@@ -12,13 +12,18 @@ derived from :class:`LoopConfig`; :func:`train` does the rest, the same way for 
   the start of each epoch and threaded through the steps without gradient;
 - an epoch-end evaluation that the task drives (a test set, or whole valid/test token streams);
 - ``WORKDIR/metrics.jsonl`` (one JSON object per epoch, see :mod:`examples.metrics`), a progress bar,
-  an Orbax checkpoint after every epoch and exact resumption, a stop on a non-finite loss that keeps
-  the last good checkpoint, and the same numbers for the same seed.
+  an Orbax checkpoint after every epoch (saved only when the whole state is finite, read back and
+  verified against its SHA-256) and exact resumption from the newest one that verifies, a stop on
+  a non-finite loss or state that keeps the last finite checkpoint, and the same numbers for the
+  same seed.
 
-:func:`train` reads as its steps: :func:`make_mesh` and :func:`check_settings`, the registry's
-optimizer (:func:`make_optimizer`), the model and optimizer state (:func:`make_state`), the jitted
-steps (:class:`Steps`), :func:`restore_or_start`, then per epoch :func:`train_epoch`,
-:func:`evaluate` and :func:`record_epoch` (which calls :func:`save_checkpoint`).
+:func:`train` reads as its steps: :func:`check_run` (every option, the workdir and what it holds,
+before a trainer loads its data), :func:`make_mesh` and :func:`check_settings`,
+:func:`check_same_data`, the registry's optimizer (:func:`make_optimizer`),
+:func:`remove_previous_run` (``--overwrite``), the model and optimizer state (:func:`make_state`),
+the jitted steps (:class:`Steps`), :func:`restore_or_start`, then per epoch :func:`train_epoch`,
+:func:`evaluate` and :func:`record_epoch` (which calls :func:`check_finite_state` and
+:func:`save_checkpoint`).
 
 Randomness is derived, never carried: epoch ``e`` uses ``fold_in(fold_in(root, 1), e)`` for its
 batches and ``fold_in(that, step)`` inside each step, so a resumed run replays exactly what an
@@ -27,12 +32,15 @@ uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -56,12 +64,24 @@ Sums = dict[str, jax.Array]  # per-step metric sums, e.g. {"loss": sum, "correct
 DATA_AXIS = "data"
 # Config fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = frozenset(
-  {"resume", "progress", "workdir", "stop_after_epoch", "devices", "data_dir"}
+  {"resume", "overwrite", "progress", "workdir", "stop_after_epoch", "devices", "data_dir"}
 )
+# Config fields that may change when a run resumes, each change recorded in run.json
+# ("resumptions"); the learning rate's new base value applies with the same decay steps.
+CHANGEABLE_ON_RESUME = frozenset({"learning_rate"})
+CHECKPOINTS_DIR = "checkpoints"
+# What a previous run leaves in its workdir; a new run refuses to start over them.
+PREVIOUS_RUN_FILES = (metrics.METRICS_FILE, metrics.RUN_FILE, CHECKPOINTS_DIR)
 
 
 class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite; the run stopped, its last good checkpoint kept."""
+  """The training loss or the state became NaN or infinite; the run stopped, its last finite
+  checkpoint kept."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used: its metadata is missing or garbled, or its arrays do not restore
+  or do not match their digest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +108,19 @@ class LoopConfig:
   seed: int = cli.setting(0, help="seed for initialization, data order and augmentation")
   resume: bool = cli.setting(
     False,
-    help="continue from the latest checkpoint in --workdir (starts fresh if there is none)",
+    help="continue the run in --workdir from its newest checkpoint that verifies (starts fresh "
+    "if the folder holds no finished epoch); --lr may change, the rest must not",
+  )
+  overwrite: bool = cli.setting(
+    False,
+    help="replace the previous run in --workdir (metrics.jsonl, run.json, checkpoints/) instead "
+    "of refusing to start there",
   )
   learning_rate: float | None = cli.setting(
-    None, flag="lr", help="base learning rate replacing the paper's value for this optimizer"
+    None,
+    flag="lr",
+    help="base learning rate replacing the paper's value for this optimizer (on --resume: the new "
+    "base rate from the next epoch on, with the same decay steps; default: the run's)",
   )
   hparams: Mapping[str, Any] = cli.setting(
     default_factory=dict,
@@ -112,6 +141,33 @@ class LoopConfig:
 
   def __post_init__(self):
     cli.check_choices(self)
+    self.check_values()
+
+  def check_values(self) -> None:
+    """Raises ValueError naming the option, its value and what is valid, for a value out of range.
+
+    A task's config extends it (calling this one) for its own fields.
+    """
+    cli.check_int("--epochs", self.epochs, minimum=1)
+    cli.check_int("--batch-size", self.batch_size, minimum=1)
+    cli.check_int("--seed", self.seed)
+    cli.check_int("--devices", self.devices, minimum=1, optional=True)
+    cli.check_int("stop_after_epoch", self.stop_after_epoch, minimum=1, optional=True)
+    if self.learning_rate is not None:
+      cli.check_number("--lr", self.learning_rate, positive=True)
+    if not isinstance(self.workdir, str | os.PathLike) or not str(self.workdir):
+      raise ValueError(f"--workdir {self.workdir!r} is not valid; expected a folder name")
+    if "learning_rate" in self.hparams:
+      value = self.hparams["learning_rate"]
+      raise ValueError(
+        f"--hparam learning_rate={json.dumps(value)} is not valid; set the base learning rate "
+        "with --lr"
+      )
+    if self.resume and self.overwrite:
+      raise ValueError(
+        "--resume and --overwrite exclude each other: --resume continues the run in --workdir, "
+        "--overwrite replaces it"
+      )
 
 
 class Evaluator:
@@ -210,6 +266,13 @@ class Task:
     """Restores what :meth:`checkpoint_state` saved, when a run resumes."""
     del state
 
+  def describe_data(self) -> dict[str, Any] | None:
+    """What identifies the data: ``{"files": [...], "sha256": fingerprint(arrays used)}``, or None.
+
+    Recorded in run.json and each checkpoint; ``--resume`` refuses other data (same SHA-256).
+    """
+    return None
+
   def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
     """Turns an epoch's summed training metrics into the logged ones (``loss`` -> ``train_loss``).
 
@@ -251,32 +314,119 @@ def _from_saved(saved: Any, like: Any) -> Any:
   return saved
 
 
+def host_leaves(state: Any) -> list[np.ndarray]:
+  """The leaves of ``state`` as host arrays, in the form a checkpoint stores them (typed PRNG keys
+  as their raw data). The state is replicated: each process reads its own copy."""
+  out = []
+  for leaf in jax.tree.leaves(state):
+    leaf = _to_saveable(leaf)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+    out.append(np.asarray(leaf))
+  return out
+
+
+def state_digest(leaves: Iterable[np.ndarray]) -> str:
+  """SHA-256 over the dtype, shape and bytes of each array, in order."""
+  digest = hashlib.sha256()
+  for x in leaves:
+    x = np.ascontiguousarray(x)
+    digest.update(f"{x.dtype.str}{x.shape};".encode())
+    digest.update(x.tobytes())
+  return digest.hexdigest()
+
+
+def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+  """SHA-256 over the names, dtypes, shapes and bytes of ``arrays`` (a task's data)."""
+  digest = hashlib.sha256()
+  for name, x in arrays.items():
+    digest.update(name.encode() + b"\0")
+    digest.update(state_digest([np.asarray(x)]).encode())
+  return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  return line if len(line) <= 200 else line[:197] + "..."
+
+
+META_KEYS = ("epoch", "history", "config", "rng")
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loop(settle_seconds: float = 0.5) -> Iterator[None]:
+  """Drops the "Event loop is closed" errors that TensorStore's pending reads report (as
+  unraisable exceptions, tracebacks on stderr) after Orbax gave up on a corrupt checkpoint."""
+  previous = sys.unraisablehook
+  failed = []
+
+  def hook(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+      unraisable.exc_value
+    ):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  except BaseException:
+    failed.append(True)
+    raise
+  finally:
+    if failed:
+      time.sleep(settle_seconds)  # the pending reads finish and report while the hook is on
+    sys.unraisablehook = previous
+
+
 class Checkpoints:
   """Orbax checkpoints of (model + optimizer state, run metadata), one per finished epoch.
 
   The state is saved as the flat list of its leaves (typed PRNG keys as their raw data), the
-  metadata as JSON (see :func:`save_checkpoint`). Use it as a context manager, or call
-  :meth:`close`.
+  metadata as JSON with the SHA-256 of those leaves (see :func:`save_checkpoint`). Every checkpoint
+  is read back and checked against its digest right after it is written; only then are older ones
+  deleted, so the newest checkpoint that verifies is never deleted. :meth:`restore_newest` uses the
+  newest one that verifies. Use it as a context manager, or call :meth:`close`.
 
   Attributes:
     directory: the folder of the checkpoints (``WORKDIR/checkpoints``).
+    keep: how many verified checkpoints to keep.
+    verified: the epochs of the checkpoints known to verify, oldest first.
   """
 
-  def __init__(self, directory: pathlib.Path):
+  def __init__(self, directory: pathlib.Path, keep: int = 2):
     self.directory = directory
+    self.keep = keep
+    self.verified: list[int] = []
+    # Deletion is ours (see save), not Orbax's max_to_keep, which does not know what verifies.
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True, enable_async_checkpointing=False
+      max_to_keep=None, create=True, enable_async_checkpointing=False
     )
     self.manager = ocp.CheckpointManager(
       directory.absolute(), options=options, item_names=("state", "meta")
     )
 
   def latest(self) -> int | None:
-    """The last saved epoch, or None."""
-    return self.manager.latest_step()
+    """The newest epoch whose checkpoint verifies (written or restored by this run), or None."""
+    return self.verified[-1] if self.verified else None
 
-  def save(self, epoch: int, state: Any, meta: Mapping[str, Any]) -> None:
-    """Saves ``state`` and ``meta`` as the checkpoint of ``epoch`` and waits until it is written."""
+  def meta_path(self, epoch: int) -> pathlib.Path:
+    """The metadata file of the checkpoint of ``epoch``."""
+    return self.directory / str(epoch) / "meta" / "metadata"
+
+  def read_meta(self, epoch: int) -> dict[str, Any]:
+    """The metadata of the checkpoint of ``epoch``; CheckpointError naming the file if unusable."""
+    return read_meta_file(self.meta_path(epoch))
+
+  def save(self, epoch: int, state: Any, meta: Mapping[str, Any]) -> bool:
+    """Saves ``state`` and ``meta`` as the checkpoint of ``epoch``, reads it back and verifies it.
+
+    Returns:
+      Whether it verified. If so, checkpoints older than the ``keep`` newest verified ones are
+      deleted; if not, it is reported in one line and deleted, and the older ones are kept.
+    """
+    meta = {**meta, "sha256": state_digest(host_leaves(state))}
     leaves = [_to_saveable(x) for x in jax.tree.leaves(state)]
     self.manager.save(
       epoch,
@@ -285,24 +435,74 @@ class Checkpoints:
       ),
     )
     self.manager.wait_until_finished()
+    try:
+      self.restore(epoch, state)
+    except CheckpointError as e:
+      print(f"warning: {self._describe(epoch)} {e}; deleted it", file=sys.stderr, flush=True)
+      self.manager.delete(epoch)
+      return False
+    self.verified = [*self.verified, epoch][-self.keep :]
+    if len(self.verified) == self.keep:
+      for old in self.manager.all_steps():
+        if old < self.verified[0]:
+          self.manager.delete(old)
+    return True
 
   def restore(self, epoch: int, like: Any) -> tuple[Any, dict[str, Any]]:
-    """The state (with the tree structure, shardings and key types of ``like``) and the metadata."""
+    """The state (with the tree structure, shardings and key types of ``like``) and the metadata.
+
+    Raises:
+      CheckpointError: the metadata is missing or garbled, the arrays do not restore, or they do
+        not match the digest in the metadata.
+    """
+    meta = self.read_meta(epoch)
     like_leaves, treedef = jax.tree.flatten(like)
     abstract = [
       jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
       for s in map(_to_saveable, like_leaves)
     ]
-    restored = self.manager.restore(
-      epoch,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-      ),
-    )
-    leaves = [
-      _from_saved(saved, ref) for saved, ref in zip(restored["state"], like_leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, leaves), restored["meta"]
+    try:
+      with _quiet_closed_event_loop():
+        restored = self.manager.restore(
+          epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
+    except Exception as e:  # Orbax and TensorStore raise many kinds; each means "unusable"
+      raise CheckpointError(f"does not restore ({type(e).__name__}: {_first_line(e)})") from e
+    if "sha256" in meta and state_digest(host_leaves(restored)) != meta["sha256"]:
+      raise CheckpointError(f"has arrays that do not match the digest in {self.meta_path(epoch)}")
+    leaves = [_from_saved(saved, ref) for saved, ref in zip(restored, like_leaves, strict=True)]
+    return jax.tree.unflatten(treedef, leaves), meta
+
+  def restore_newest(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The state and metadata of the newest checkpoint that verifies, or None if there is none.
+
+    Each newer checkpoint that does not is reported in one line and deleted (its epoch is run
+    again). When none verifies, all are left as they are and CheckpointError is raised.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for epoch in steps:
+      try:
+        state, meta = self.restore(epoch, like)
+      except CheckpointError as e:
+        print(f"warning: {self._describe(epoch)} {e}; not used", file=sys.stderr, flush=True)
+        failed.append(epoch)
+        continue
+      if "sha256" not in meta:
+        print(f"warning: {self._describe(epoch)} has no digest; used unverified", file=sys.stderr)
+      for bad in failed:
+        self.manager.delete(bad)
+      self.verified = [epoch]
+      return state, meta
+    if failed:
+      raise CheckpointError(
+        f"no checkpoint in {self.directory} verifies (epochs {', '.join(map(str, failed))}); "
+        "pass --overwrite to start the run again or choose a new --workdir"
+      )
+    return None
+
+  def _describe(self, epoch: int) -> str:
+    return f"the checkpoint of epoch {epoch} in {self.directory}"
 
   def close(self) -> None:
     self.manager.close()
@@ -314,23 +514,250 @@ class Checkpoints:
     self.close()
 
 
+def read_meta_file(path: pathlib.Path) -> dict[str, Any]:
+  """A checkpoint's metadata; CheckpointError naming ``path`` when it is missing or garbled."""
+  try:
+    meta = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise CheckpointError(f"has no metadata: {path} is missing") from e
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"has garbled metadata: {path} is not valid JSON ({e})") from e
+  if not isinstance(meta, dict) or not all(k in meta for k in META_KEYS):
+    raise CheckpointError(f"has garbled metadata: {path} lacks {', '.join(META_KEYS)}")
+  return meta
+
+
+def newest_meta(directory: pathlib.Path) -> dict[str, Any] | None:
+  """The metadata of the newest checkpoint in ``directory`` whose metadata reads, or None if there
+  is no checkpoint; CheckpointError (naming the newest one's file) if none reads."""
+  if not directory.is_dir():
+    return None
+  steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+  errors = []
+  for epoch in steps:
+    try:
+      return read_meta_file(directory / str(epoch) / "meta" / "metadata")
+    except CheckpointError as e:
+      errors.append(f"the checkpoint of epoch {epoch} {e}")
+  if errors:
+    raise CheckpointError(f"no checkpoint in {directory} can be used: {'; '.join(errors)}")
+  return None
+
+
+def _relative(path: str | os.PathLike | None) -> str | None:
+  """``path`` relative to the current folder (run.json records no absolute path of the machine)."""
+  if path is None:
+    return None
+  try:
+    return os.path.relpath(os.path.abspath(path))
+  except ValueError:  # another drive (Windows)
+    return pathlib.Path(path).name
+
+
 def _jsonable_config(config: LoopConfig) -> dict[str, Any]:
-  return json.loads(json.dumps(dataclasses.asdict(config), default=repr))
+  values = json.loads(json.dumps(dataclasses.asdict(config), default=repr))
+  for name in ("workdir", "data_dir"):
+    if name in values:
+      values[name] = _relative(values[name])
+  return values
 
 
 def _check_same_run(
   saved: Mapping[str, Any], current: Mapping[str, Any], directory: pathlib.Path
 ) -> None:
+  may_change = RESUMABLE_FIELDS | CHANGEABLE_ON_RESUME
   differ = sorted(
-    k
-    for k in set(saved) | set(current)
-    if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+    k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k)
   )
   if differ:
     detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
     raise ValueError(
-      f"cannot resume from {directory}: the run's settings differ ({detail}). Use the same settings or a new --workdir."
+      f"cannot resume from {directory}: the run's settings differ ({detail}). Use the same "
+      "settings (only --lr may change) or a new --workdir."
     )
+
+
+# ---- the checks before any data is loaded or model built ----
+
+
+def check_devices(config: LoopConfig) -> int:
+  """The number of devices the run uses; ValueError if there are not enough or the batch does not
+  split over them."""
+  available = len(jax.devices())
+  count = available if config.devices is None else config.devices
+  if count > available:
+    raise ValueError(f"--devices {count} is not valid; {available} are available")
+  if config.batch_size % count:
+    raise ValueError(
+      f"--batch-size {config.batch_size} is not valid; it must be a multiple of the {count} "
+      "devices (see --devices)"
+    )
+  return count
+
+
+def _check_hparam_type(key: str, value: Any, default: Any) -> None:
+  text = f"--hparam {key}={json.dumps(value)} is not valid"
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise ValueError(f"{text}; expected true or false")
+  elif isinstance(default, int | float) or default is None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if default is None and value is None:
+      return
+    if not number or not math.isfinite(value):
+      raise ValueError(f"{text}; expected a finite number (the default is {json.dumps(default)})")
+
+
+def check_optimizer(config: LoopConfig, registry_task: str) -> None:
+  """Raises ValueError for an unknown ``--hparam`` key, a value of the wrong type, or one the
+  optimizer rejects when it is built (built here without data: no model, no compilation)."""
+  defaults = optimizers.paper_hyperparams(config.optimizer, registry_task)
+  for key, value in config.hparams.items():
+    if key not in defaults:
+      valid = ", ".join(sorted(k for k in defaults if k != "learning_rate"))
+      raise ValueError(
+        f"--hparam {key}={json.dumps(value)} is not valid; {config.optimizer} has no "
+        f"hyperparameter {key!r} (valid: {valid}; the base rate is --lr)"
+      )
+    _check_hparam_type(key, value, defaults[key])
+  try:
+    optimizers.make_optimizer(
+      config.optimizer,
+      task=registry_task,
+      steps_per_epoch=1,
+      epochs=config.epochs,
+      batch_size=config.batch_size,
+      train_size=config.batch_size,
+      learning_rate=config.learning_rate,
+      **dict(config.hparams),
+    )
+  except (TypeError, ValueError) as e:
+    shown = " ".join(f"--hparam {k}={json.dumps(v)}" for k, v in config.hparams.items())
+    raise ValueError(f"{config.optimizer} rejects its hyperparameters ({shown}): {e}") from e
+
+
+def check_workdir(config: LoopConfig) -> None:
+  """Raises ValueError unless ``--workdir`` (and its ``checkpoints/``) is a folder this process can
+  write to: it is created, and a probe file is written and removed in each."""
+  workdir = pathlib.Path(config.workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is not valid; it is a file, not a folder")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in (workdir, workdir / CHECKPOINTS_DIR):
+      if folder.exists():
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+  except OSError as e:
+    where = e.filename or workdir
+    raise ValueError(
+      f"--workdir {workdir} is not valid; cannot write to {where} ({e.strerror or e})"
+    ) from e
+
+
+def previous_run_files(workdir: pathlib.Path) -> list[str]:
+  """The names in ``workdir`` a previous run left there: metrics.jsonl, run.json, checkpoints/ (if
+  it holds anything)."""
+  found = []
+  for name in PREVIOUS_RUN_FILES:
+    path = workdir / name
+    if path.is_dir() and any(path.iterdir()):
+      found.append(f"{name}/")
+    elif path.is_file():
+      found.append(name)
+  return found
+
+
+def _recorded_epochs(workdir: pathlib.Path) -> int:
+  path = metrics.metrics_path(workdir)
+  if not path.is_file():
+    return 0
+  return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
+
+
+def check_previous_run(config: LoopConfig) -> LoopConfig:
+  """Applies the rule for a workdir that holds a previous run; returns the config to run.
+
+  - No previous run's files: a new run (with or without ``--resume``).
+  - ``--overwrite``: a new run; :func:`train` removes the previous files first.
+  - ``--resume`` with a checkpoint: the settings must be the checkpoint's but ``--lr``, which
+    defaults to the run's (returned in the config).
+  - ``--resume`` without a checkpoint: a new run if ``metrics.jsonl`` records no finished epoch
+    (nothing is lost), else refused.
+  - Otherwise refused: ValueError, one line.
+  """
+  workdir = pathlib.Path(config.workdir)
+  found = previous_run_files(workdir)
+  if not found or config.overwrite:
+    return config
+  if not config.resume:
+    raise ValueError(
+      f"{workdir} holds a previous run ({', '.join(found)}); pass --resume to continue it, "
+      "--overwrite to replace it, or choose a new --workdir"
+    )
+  meta = newest_meta(workdir / CHECKPOINTS_DIR)
+  if meta is None:
+    epochs = _recorded_epochs(workdir)
+    if epochs:
+      raise ValueError(
+        f"cannot resume {workdir}: its metrics.jsonl records {epochs} finished epoch(s) but "
+        "there is no checkpoint to continue from; pass --overwrite to start again or choose a "
+        "new --workdir"
+      )
+    return config
+  _check_same_run(meta["config"], _jsonable_config(config), workdir)
+  saved_lr = meta["config"].get("learning_rate")
+  if config.learning_rate is None and saved_lr is not None:
+    config = dataclasses.replace(config, learning_rate=saved_lr)
+  return config
+
+
+def check_run(config: LoopConfig, registry_task: str) -> LoopConfig:
+  """Every check that needs neither data nor a model, so that a bad option costs no time.
+
+  The devices and batch (:func:`check_devices`), the optimizer's hyperparameters
+  (:func:`check_optimizer`), the workdir (:func:`check_workdir`) and what it holds
+  (:func:`check_previous_run`); the config's own values were checked when it was made. A trainer
+  calls it before it loads its data; :func:`train` calls it again.
+
+  Returns:
+    The config to run (on ``--resume`` without ``--lr``, with the run's learning rate).
+  """
+  check_devices(config)
+  check_optimizer(config, registry_task)
+  check_workdir(config)
+  return check_previous_run(config)
+
+
+def check_same_data(config: LoopConfig, task: Task) -> None:
+  """On ``--resume``, raises ValueError when the task's data differ from the checkpoint's."""
+  if not config.resume:
+    return
+  meta = newest_meta(pathlib.Path(config.workdir) / CHECKPOINTS_DIR)
+  saved = (meta or {}).get("data") or {}
+  current = task.describe_data() or {}
+  if saved.get("sha256") and current.get("sha256") and saved["sha256"] != current["sha256"]:
+    raise ValueError(
+      f"cannot resume {config.workdir}: its data differ from the checkpoint's (SHA-256 "
+      f"{saved['sha256'][:16]}... of {saved.get('files')}, now {current['sha256'][:16]}... of "
+      f"{current.get('files')}). Use the same data or a new --workdir."
+    )
+
+
+def remove_previous_run(config: LoopConfig) -> None:
+  """With ``--overwrite``, deletes the previous run's metrics.jsonl, run.json and checkpoints/."""
+  workdir = pathlib.Path(config.workdir)
+  found = previous_run_files(workdir)
+  if not config.overwrite or not found:
+    return
+  for name in PREVIOUS_RUN_FILES:
+    path = workdir / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+  print(f"Replaced the previous run in {workdir} ({', '.join(found)}).", file=sys.stderr)
 
 
 # ---- the steps of a run, in the order train() takes them ----
@@ -500,35 +927,53 @@ class RunState:
     root: the run's root PRNG key (every epoch's key is derived from it).
     history: one record per finished epoch.
     epoch: the last finished epoch (0 before the first).
+    resumptions: one record per resumption: the epoch it continued after and the settings it
+      changed (``{"learning_rate": [old, new]}``).
   """
 
   state: Any
   root: jax.Array
   history: list[dict[str, Any]]
   epoch: int = 0
+  resumptions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _resumption(meta: Mapping[str, Any], config: LoopConfig) -> dict[str, Any]:
+  """The record of a resumption: the epoch it continues after and the settings it changed."""
+  current = _jsonable_config(config)
+  changed = {
+    k: [meta["config"].get(k), current.get(k)]
+    for k in sorted(CHANGEABLE_ON_RESUME)
+    if meta["config"].get(k) != current.get(k)
+  }
+  return {"after_epoch": int(meta["epoch"]), "changed": changed}
 
 
 def restore_or_start(
   checkpoints: Checkpoints, state: Any, root: jax.Array, task: Task, config: LoopConfig
 ) -> RunState:
-  """The run from its latest checkpoint (with ``config.resume``), or a fresh one at epoch 0.
+  """The run from its newest checkpoint that verifies (with ``config.resume``), or a fresh one.
 
   Either way ``WORKDIR/metrics.jsonl`` is rewritten to the history so far.
 
   Raises:
-    ValueError: when there are checkpoints but no ``config.resume``, or the checkpoint's settings
-      differ from ``config``'s.
+    ValueError: when there are checkpoints but no ``config.resume``, the checkpoint's settings
+      differ from ``config``'s (but the learning rate), or no checkpoint verifies.
   """
   workdir = pathlib.Path(config.workdir)
-  latest = checkpoints.latest()
-  if latest is None:
+  if not config.resume:
+    if checkpoints.manager.all_steps():
+      raise ValueError(
+        f"{workdir} already holds checkpoints; pass --resume to continue that run, --overwrite "
+        "to replace it, or choose a new --workdir"
+      )
     metrics.write_metrics(workdir, [])
     return RunState(state, root, [])
-  if not config.resume:
-    raise ValueError(
-      f"{workdir} already holds checkpoints (up to epoch {latest}); pass --resume to continue that run or choose a new --workdir"
-    )
-  state, meta = checkpoints.restore(latest, state)
+  restored = checkpoints.restore_newest(state)
+  if restored is None:
+    metrics.write_metrics(workdir, [])
+    return RunState(state, root, [])
+  state, meta = restored
   _check_same_run(meta["config"], _jsonable_config(config), workdir)
   task.restore_checkpoint_state(meta.get("task", {}))
   run = RunState(
@@ -536,6 +981,7 @@ def restore_or_start(
     root=jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)),
     history=list(meta["history"]),
     epoch=int(meta["epoch"]),
+    resumptions=[*meta.get("resumptions", []), _resumption(meta, config)],
   )
   metrics.write_metrics(workdir, run.history)
   print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
@@ -543,20 +989,30 @@ def restore_or_start(
 
 
 def write_run_info(
-  task: Task, config: LoopConfig, setup: optimizers.OptimizerSetup, model: Model, steps: Steps
+  task: Task,
+  config: LoopConfig,
+  setup: optimizers.OptimizerSetup,
+  model: Model,
+  steps: Steps,
+  run: RunState,
 ) -> None:
-  """Writes ``WORKDIR/run.json``: the config, optimizer hyperparameters, devices and versions."""
+  """Writes ``WORKDIR/run.json``: the config (paths relative to the current folder), the data's
+  identity, the optimizer hyperparameters, devices, versions, and the resumptions so far."""
   run_info = {
     "config": _jsonable_config(config),
     "task": type(task).__name__,
+    "data": task.describe_data(),
     "optimizer": setup.hyperparams,
     "num_params": model.num_params,
     "devices": [str(d) for d in steps.mesh.devices.flat],
     "jax": jax.__version__,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "resumptions": run.resumptions,
   }
   path = pathlib.Path(config.workdir) / metrics.RUN_FILE
-  path.write_text(json.dumps(run_info, indent=2) + "\n")
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(run_info, indent=2) + "\n")
+  os.replace(tmp, path)
 
 
 def last_epoch(config: LoopConfig) -> int:
@@ -614,11 +1070,46 @@ class _ProgressBar:
 
 
 def check_finite(
-  live: Mapping[str, float], epoch: int, step: int, checkpoints: Checkpoints
+  live: Mapping[str, float],
+  epoch: int,
+  step: int,
+  checkpoints: Checkpoints,
+  learning_rate: float | None = None,
 ) -> None:
-  """Raises :class:`NonFiniteLossError` when a live training metric is NaN or infinite."""
+  """Raises :class:`NonFiniteLossError` when a live training metric is NaN or infinite.
+
+  ``learning_rate`` (the run's base rate) makes the message suggest a lower one.
+  """
   if not all(math.isfinite(v) for v in live.values()):
-    raise NonFiniteLossError(_non_finite_message(epoch, step, live, checkpoints))
+    shown = ", ".join(f"{k}={v}" for k, v in live.items())
+    what = f"non-finite training loss in epoch {epoch} by step {step} ({shown})"
+    raise NonFiniteLossError(_non_finite_message(what, checkpoints, learning_rate))
+
+
+def non_finite_arrays(state: Any) -> list[str]:
+  """The paths of the floating-point arrays of ``state`` that hold a NaN or an infinity."""
+  flagged = jax.tree.map(
+    lambda x: ~jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else False,
+    state,
+  )
+  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(flagged))
+  return [jax.tree_util.keystr(path) for path, bad in flat if bad]
+
+
+def check_finite_state(
+  state: Any, epoch: int, checkpoints: Checkpoints, learning_rate: float | None = None
+) -> None:
+  """Raises :class:`NonFiniteLossError` when a parameter, optimizer-state or batch-statistics array
+  holds a NaN or an infinity (the state is then not checkpointed)."""
+  bad = non_finite_arrays(state)
+  if bad:
+    total = len(jax.tree.leaves(state))
+    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    what = (
+      f"non-finite values in {len(bad)} of the {total} arrays of the state after epoch {epoch} "
+      f"({shown}); its checkpoint was not written"
+    )
+    raise NonFiniteLossError(_non_finite_message(what, checkpoints, learning_rate))
 
 
 def train_epoch(
@@ -631,11 +1122,13 @@ def train_epoch(
   *,
   key: jax.Array,
   log_every: int = 10,
+  learning_rate: float | None = None,
 ) -> tuple[Any, EpochTraining]:
   """Runs the ``steps_per_epoch`` train steps of ``epoch``; returns the new state and the sums.
 
   Every ``log_every`` steps (and at the last) the sums are fetched: the progress bar shows them and
-  :func:`check_finite` stops the run on a non-finite loss.
+  :func:`check_finite` stops the run on a non-finite loss (``learning_rate``: the base rate its
+  message suggests lowering).
   """
   carry = steps.shard(task.init_carry(config.batch_size))
   sums = bar = start = None
@@ -657,7 +1150,7 @@ def train_epoch(
     if (index + 1) % log_every == 0 or index + 1 == task.steps_per_epoch:
       host = {k: float(v) for k, v in sums.items()}
       live = task.summarize(host)
-      check_finite(live, epoch, index + 1, checkpoints)
+      check_finite(live, epoch, index + 1, checkpoints, learning_rate)
       bar.show(index + 1, live, host["count"])
   if index + 1 != task.steps_per_epoch:
     raise ValueError(
@@ -702,16 +1195,23 @@ def epoch_record(
 
 
 def save_checkpoint(
-  checkpoints: Checkpoints, run: RunState, task: Task, config: LoopConfig
+  checkpoints: Checkpoints,
+  run: RunState,
+  task: Task,
+  config: LoopConfig,
+  data: Mapping[str, Any] | None = None,
 ) -> None:
-  """Saves the checkpoint of ``run.epoch``: the state, and as metadata the epoch, the history, the
-  config, the root key and the task's :meth:`Task.checkpoint_state`."""
+  """Saves and verifies the checkpoint of ``run.epoch``: the state, and as metadata the epoch, the
+  history, the config, the root key, the task's :meth:`Task.checkpoint_state`, the data's identity
+  and the resumptions (with the state's SHA-256, added by :meth:`Checkpoints.save`)."""
   meta = {
     "epoch": run.epoch,
     "history": run.history,
     "config": _jsonable_config(config),
     "rng": np.asarray(jax.random.key_data(run.root)).tolist(),
     "task": task.checkpoint_state(),
+    "data": data,
+    "resumptions": run.resumptions,
   }
   checkpoints.save(run.epoch, run.state, meta)
 
@@ -723,12 +1223,19 @@ def record_epoch(
   checkpoints: Checkpoints,
   task: Task,
   config: LoopConfig,
+  setup: optimizers.OptimizerSetup | None = None,
 ) -> None:
-  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl and one printed line."""
+  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl and one printed line.
+
+  A state with a non-finite array stops the run (:func:`check_finite_state`) before anything of
+  the epoch is written.
+  """
+  base_lr = None if setup is None else setup.hyperparams.get("learning_rate")
+  check_finite_state(state, record["epoch"], checkpoints, base_lr)
   run.state = state
   run.epoch = record["epoch"]
   run.history.append(record)
-  save_checkpoint(checkpoints, run, task, config)
+  save_checkpoint(checkpoints, run, task, config, task.describe_data())
   metrics.append_metrics(config.workdir, record)
   shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
   print(f"epoch {run.epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
@@ -746,29 +1253,40 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     The run's history: one dict per epoch, from epoch 1 (restored epochs included on resume).
 
   Raises:
-    NonFiniteLossError: when the training loss becomes NaN or infinite.
-    ValueError: for bad settings, or a resume from a checkpoint made with other settings.
+    NonFiniteLossError: when the training loss or the state becomes NaN or infinite.
+    ValueError: for bad settings, a workdir holding another run, or a resume from a checkpoint
+      made with other settings or data (or when none verifies).
   """
-  workdir = pathlib.Path(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  config = check_run(config, task.registry_task)
   mesh = make_mesh(config.devices)
   check_settings(task, config, mesh)
+  check_same_data(config, task)
   setup = make_optimizer(task, config)
+  remove_previous_run(config)
   root = jax.random.key(config.seed)
   model, state = make_state(task, setup.tx, root, mesh)
   steps = Steps(task, model, mesh)
-  with Checkpoints(workdir / "checkpoints") as checkpoints:
+  base_lr = setup.hyperparams.get("learning_rate")
+  with Checkpoints(pathlib.Path(config.workdir) / CHECKPOINTS_DIR) as checkpoints:
     run = restore_or_start(checkpoints, state, root, task, config)
     del state  # a restored run replaces it; from here on the run holds the state
-    write_run_info(task, config, setup, model, steps)
+    write_run_info(task, config, setup, model, steps, run)
     for epoch in range(run.epoch + 1, last_epoch(config) + 1):
       key = epoch_key(run.root, epoch)
       state, trained = train_epoch(
-        steps, run.state, task, config, epoch, checkpoints, key=key, log_every=log_every
+        steps,
+        run.state,
+        task,
+        config,
+        epoch,
+        checkpoints,
+        key=key,
+        log_every=log_every,
+        learning_rate=base_lr,
       )
       evaluation, eval_seconds = evaluate(steps, state, task)
       record = epoch_record(epoch, task, setup, trained, evaluation, eval_seconds)
-      record_epoch(run, state, record, checkpoints, task, config)
+      record_epoch(run, state, record, checkpoints, task, config, setup)
   return run.history
 
 
@@ -776,17 +1294,16 @@ def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _non_finite_message(
-  epoch: int, step: int, live: Mapping[str, float], checkpoints: Checkpoints
-) -> str:
+def _non_finite_message(what: str, checkpoints: Checkpoints, learning_rate: float | None) -> str:
   last = checkpoints.latest()
-  kept = (
-    f"the last good checkpoint (epoch {last}) is kept in {checkpoints.directory}"
-    if last
-    else "no epoch had finished, so there is no checkpoint"
-  )
-  shown = ", ".join(f"{k}={v}" for k, v in live.items())
-  return (
-    f"non-finite training loss in epoch {epoch} by step {step} ({shown}); stopping. {kept.capitalize()}. "
-    "A lower learning rate (--lr) or other hyperparameters may help."
-  )
+  lower = "a lower --lr" if learning_rate is None else f"a lower --lr (e.g. {learning_rate / 10:g})"
+  if last is None:
+    forward = (
+      f"No epoch had finished, so there is no checkpoint: start again with --overwrite and {lower}."
+    )
+  else:
+    forward = (
+      f"The last finite checkpoint, of epoch {last}, is kept in {checkpoints.directory}: continue "
+      f"from it with --resume and {lower}; the new base rate keeps the decay steps."
+    )
+  return f"{what}; stopping. {forward}"

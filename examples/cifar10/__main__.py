@@ -12,6 +12,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     prog="python -m examples.cifar10",
     description="Train a CIFAR-10 classifier as in Chen et al. (IJCAI 2020), Section 5. Each epoch "
     "appends one JSON object to WORKDIR/metrics.jsonl and checkpoints to WORKDIR/checkpoints/.",
+    epilog=cli.EXIT_STATUS_HELP,
   )
   cli.add_config_flags(parser, train.Config)  # a flag per field of train.Config
   return parser.parse_args(argv)
@@ -20,9 +21,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   cli.configure_xla(sys.argv[1:] if argv is None else argv)  # before JAX starts its backend
-  config = cli.config_from_args(train.Config, args)
   return cli.run(
-    lambda: train.train_and_evaluate(config), args, expected=(input_pipeline.DataError,)
+    lambda: train.train_and_evaluate(cli.config_from_args(train.Config, args)),
+    args,
+    expected=(input_pipeline.DataError,),
   )
 
 

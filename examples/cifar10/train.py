@@ -51,6 +51,12 @@ class Config(training.LoopConfig):
     1000, help="evaluation batch (rounded up to a multiple of the devices)"
   )
 
+  def check_values(self) -> None:
+    super().check_values()
+    cli.check_int("--eval-batch-size", self.eval_batch_size, minimum=1)
+    cli.check_int("--train-size", self.train_size, minimum=1, optional=True)
+    cli.check_int("--test-size", self.test_size, minimum=1, optional=True)
+
 
 class Cifar10Task(training.Task):
   """CIFAR-10 with the reference's augmentation and normalization, cross-entropy loss."""
@@ -72,6 +78,21 @@ class Cifar10Task(training.Task):
     self.y_train = jnp.asarray(train.labels)
     self.test = test
     self._eval_batches: list[dict[str, jax.Array]] | None = None
+    self._data = {
+      "files": [input_pipeline.NPZ_NAME],
+      "sha256": training.fingerprint(
+        {
+          "x_train": train.images,
+          "y_train": train.labels,
+          "x_test": test.images,
+          "y_test": test.labels,
+        }
+      ),
+    }
+
+  def describe_data(self) -> dict[str, Any]:
+    """``cifar10.npz`` and the SHA-256 of the training and test arrays used (subsets included)."""
+    return self._data
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return models.create_model(self.model_name, rngs=rngs)
@@ -148,7 +169,9 @@ def train_and_evaluate(config: Config) -> list[dict[str, Any]]:
     One dict per epoch with ``epoch``, ``step``, ``lr``, ``train_loss``, ``train_acc``,
     ``test_loss``, ``test_acc``, ``epoch_seconds``, ``images_per_second`` and a few more.
   """
-  # The config has checked its model and optimizer names; a bad one fails before the data loads.
+  # The config has checked its values when it was made; the rest (devices, hyperparameters, the
+  # workdir and what it holds) is checked here, before the data load and the model compile.
+  config = training.check_run(config, Cifar10Task.registry_task)
   train, test = input_pipeline.load(
     config.data_dir, config.train_size, config.test_size, config.seed
   )

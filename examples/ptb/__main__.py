@@ -14,6 +14,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     "Section 5, with truncated BPTT and carried state. Each epoch appends one JSON object "
     "(train/valid/test perplexity, tokens/s, ...) to WORKDIR/metrics.jsonl and checkpoints to "
     "WORKDIR/checkpoints/.",
+    epilog=cli.EXIT_STATUS_HELP,
   )
   cli.add_config_flags(parser, train.Config)  # a flag per field of train.Config
   return parser.parse_args(argv)
@@ -22,9 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   cli.configure_xla(sys.argv[1:] if argv is None else argv)  # before JAX starts its backend
-  config = cli.config_from_args(train.Config, args)
   return cli.run(
-    lambda: train.train_and_evaluate(config), args, expected=(input_pipeline.DataError,)
+    lambda: train.train_and_evaluate(cli.config_from_args(train.Config, args)),
+    args,
+    expected=(input_pipeline.DataError,),
   )
 
 

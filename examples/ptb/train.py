@@ -69,6 +69,14 @@ class Config(training.LoopConfig):
     "the cache)",
   )
 
+  def check_values(self) -> None:
+    super().check_values()
+    cli.check_int("--eval-batch-size", self.eval_batch_size, minimum=1)
+    cli.check_int("--bptt", self.bptt, minimum=1, optional=True)
+    cli.check_int("--train-tokens", self.train_tokens, minimum=2, optional=True)
+    if self.clip is not None:
+      cli.check_number("--clip", self.clip, minimum=0)
+
 
 def _model_help() -> str:
   rows = []
@@ -78,6 +86,11 @@ def _model_help() -> str:
       f"{name} (embed {spec.embed_size}, LSTM {sizes}, bptt {spec.bptt}, clip {spec.clip})"
     )
   return "; ".join(rows)
+
+
+def registry_task(spec: models.ModelSpec) -> str:
+  """The optimizer registry's task of a model: ``ptb3`` for 3 or more layers, else ``ptb2``."""
+  return "ptb3" if spec.num_layers >= 3 else "ptb2"
 
 
 def _perplexity(loss: float) -> float:
@@ -92,13 +105,9 @@ class PtbTask(training.Task):
 
   def __init__(self, config: Config, corpus: input_pipeline.Corpus):
     self.spec = models.get_spec(config.model, tie_weights=config.tie_weights)
-    self.registry_task = "ptb3" if self.spec.num_layers >= 3 else "ptb2"
+    self.registry_task = registry_task(self.spec)
     self.bptt = self.spec.bptt if config.bptt is None else config.bptt
     self.clip = self.spec.clip if config.clip is None else config.clip
-    if self.clip < 0:
-      raise ValueError(f"--clip must be >= 0 (0 turns clipping off), got {self.clip}")
-    if config.eval_batch_size < 1:
-      raise ValueError(f"--eval-batch-size must be positive, got {config.eval_batch_size}")
     self.corpus = corpus
     self.vocab_size = len(corpus.vocab)
     self.batch_size = config.batch_size
@@ -109,6 +118,16 @@ class PtbTask(training.Task):
     self.steps_per_epoch = int(self.train_windows.inputs.shape[0])
     self.train_size = self.steps_per_epoch * config.batch_size
     self._eval_windows: dict[str, input_pipeline.Windows] | None = None
+    arrays = {"vocab": np.frombuffer("\n".join(corpus.vocab).encode(), np.uint8)}
+    arrays.update({split: np.asarray(getattr(corpus, split)) for split in input_pipeline.SPLITS})
+    self._data = {
+      "files": [f"ptb.{split}.txt" for split in input_pipeline.SPLITS],
+      "sha256": training.fingerprint(arrays),
+    }
+
+  def describe_data(self) -> dict[str, Any]:
+    """The three files and the SHA-256 of the vocabulary and the token streams used."""
+    return self._data
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return models.LSTMLanguageModel(self.spec, self.vocab_size, rngs=rngs)
@@ -181,9 +200,11 @@ def train_and_evaluate(
     ValueError: for an unknown model or optimizer name (listing the valid ones), or bad settings.
     input_pipeline.DataError: for missing or inconsistent data.
   """
-  # The config has checked its model and optimizer names; fail on a model that cannot be tied
-  # before spending seconds on reading the data.
-  models.get_spec(config.model, tie_weights=config.tie_weights)
+  # The config has checked its values when it was made; fail on a model that cannot be tied, and
+  # on the rest (devices, hyperparameters, the workdir and what it holds), before spending seconds
+  # on reading the data.
+  spec = models.get_spec(config.model, tie_weights=config.tie_weights)
+  config = training.check_run(config, registry_task(spec))
   if corpus is None:
     corpus = input_pipeline.load(config.data_dir, config.train_tokens)
   elif config.train_tokens is not None:
