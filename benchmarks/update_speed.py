@@ -19,6 +19,12 @@ Run from the repository root::
 
   python -m benchmarks.update_speed --out benchmarks/results/update_speed.md
   python -m benchmarks.update_speed --quick   # tiny trees, a smoke test
+  python -m benchmarks.update_speed --tree resnet18 --no-torch --rounds 15 \
+    --rows "padam p=1/8" "padam p traced" "padam p=0.2" "padam p=0.2 traced" "optax amsgrad" \
+    --out benchmarks/results/traced_p_speed.md   # chosen rows only, a short table
+
+``--rows`` also offers rows the full table leaves out (``padam p=0.2``, a
+``p`` without a square-root form, as a number and traced).
 
 The PyTorch rows need PyTorch (``pip install -e ".[bench]"``); without it they are skipped and
 the output says so.
@@ -172,8 +178,8 @@ class JaxRunner:
   def state_bytes(self) -> int:
     return tree_bytes(self.state)
 
-  def hlo(self) -> str:
-    return self.step_fn.lower(self.bench.grads, self.bench.params, self.state).compile().as_text()
+  def compiled(self) -> Any:
+    return self.step_fn.lower(self.bench.grads, self.bench.params, self.state).compile()
 
   def teardown(self) -> None:
     self.state = None
@@ -270,6 +276,8 @@ class Row:
   state_bytes: int = 0
   state_arrays: float = 0.0  # non-scalar state arrays per parameter array
   hlo: str = ""
+  temp_bytes: int = 0  # the step's scratch memory, allocated at every call
+  extra: bool = False  # timed only when named by --rows
 
 
 def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
@@ -294,6 +302,9 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
       Row("floor (adds only)", 0.0, lambda b: JaxRunner(b, floor_transformation()), kind="floor"),
       Row("padam p=1/8", wd, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, weight_decay=wd))),
       Row("optax amsgrad + L2", wd, lambda b: JaxRunner(b, amsgrad(wd))),
+      Row("padam p=0.2", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=0.2)), extra=True),
+      Row("padam p=0.2 traced", 0.0,
+          lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=0.2)), extra=True),
   ]
   if with_torch:
     for decay in torch_decays:
@@ -315,7 +326,10 @@ def measure(bench: Bench, rows: list[Row], rounds: int, steps: int, log) -> None
       if r == 0:
         row.state_bytes = runner.state_bytes()
         if row.kind != "torch":
-          row.hlo = runner.hlo()
+          compiled = runner.compiled()
+          row.hlo = compiled.as_text()
+          memory = compiled.memory_analysis()
+          row.temp_bytes = memory.temp_size_in_bytes if memory is not None else 0
           arrays = [x for x in jax.tree.leaves(runner.state) if x.ndim > 0]
           row.state_arrays = len(arrays) / len(bench.shapes)
       else:
@@ -492,6 +506,53 @@ def render(
   return "\n".join(out)
 
 
+def render_rows(benches: list[tuple[Bench, list[Row]]], header: dict[str, str]) -> str:
+  """The table of the rows chosen with ``--rows``: times, ratios and the step's scratch memory."""
+  out = ["# Optimizer update-step speed: chosen rows", ""]
+  out += [f"- {k}: {v}" for k, v in header.items()]
+  for bench, rows in benches:
+    med = {r.name: statistics.median(r.times) for r in rows}
+    first = rows[0].name
+    base = "optax amsgrad" if "optax amsgrad" in med else first
+    param_bytes = tree_bytes(bench.params)
+    out += [
+        "",
+        f"## {bench.name}: {bench.size:,} parameters in {len(bench.shapes)} arrays "
+        f"({param_bytes / 1e6:.1f} MB float32)",
+        "",
+        f"| optimizer | weight decay | median ms | IQR ms | vs {first} | vs {base} | scratch MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+      q = statistics.quantiles(r.times, n=4)
+      out.append(
+          f"| {r.name} | {r.weight_decay:g} | {med[r.name] * 1e3:.1f} "
+          f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {med[r.name] / med[first]:.2f}x "
+          f"| {med[r.name] / med[base]:.2f}x | {r.temp_bytes / 1e6:.1f} |"
+      )
+    out += ["", f"Medians of {len(rows[0].times)} timed steps per row. Scratch: the compiled "
+            "step's temporary buffers (XLA's memory analysis), allocated at every call."]
+    if "padam p=1/8" in med and "padam p traced" in med:
+      ratio = med["padam p traced"] / med["padam p=1/8"]
+      out += ["", f"- padam p traced vs padam p=1/8: {ratio:.2f}x (target <= 1.05x): "
+              f"{'met' if ratio <= 1.05 else 'MISSED'}"]
+  out.append("")
+  return "\n".join(out)
+
+
+def choose_rows(rows: list[Row], names: list[str] | None) -> list[Row]:
+  """The default rows, or those named (at weight decay 0 where a name has both), in that order."""
+  if not names:
+    return [r for r in rows if not r.extra]
+  chosen = []
+  for name in names:
+    matches = sorted((r for r in rows if r.name == name), key=lambda r: r.weight_decay != 0)
+    if not matches:
+      raise SystemExit(f"no row named {name!r}; rows: {sorted({r.name for r in rows})}")
+    chosen.append(matches[0])
+  return chosen
+
+
 def targets(bench: Bench, rows: list[Row], med, floor: float, param_bytes: int) -> list[str]:
   del bench
   padam, traced = med[("padam p=1/8", 0.0)], med[("padam p traced", 0.0)]
@@ -560,6 +621,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="skip the PyTorch rows (skipped anyway when PyTorch is not installed)")
   parser.add_argument("--tree", choices=("all", "resnet18", "transformer"), default="all",
                       help="which parameter tree(s) to time")
+  parser.add_argument("--rows", nargs="+", metavar="NAME", default=None,
+                      help="time only these rows, by name (e.g. \"padam p traced\"), and write "
+                           "a short table of them")
   args = parser.parse_args(argv)
   rounds = args.rounds or (2 if args.quick else 7)
   with_torch, torch_note = torch_rows(args.no_torch)
@@ -586,12 +650,13 @@ def main(argv: list[str] | None = None) -> None:
     # The per-parameter PyTorch loop takes seconds a step on the large tree: its
     # weight-decay row is timed on the ResNet tree only, to keep a run short.
     decays = (0.0, WEIGHT_DECAY) if not results else (0.0,)
-    rows = make_rows(with_torch, decays)
+    rows = choose_rows(make_rows(with_torch, decays), args.rows)
     measure(bench, rows, rounds, args.steps, log)
     results.append((bench, rows))
     del bench  # the next tree's arrays replace this one's
-  log("power forms")
-  forms = power_forms(repeats=3 if args.quick else 9)
+  if not args.rows:
+    log("power forms")
+    forms = power_forms(repeats=3 if args.quick else 9)
   load_end = os.getloadavg()
 
   command = shlex.join(["python", *sys.orig_argv[1:]])
@@ -609,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
                 "warm-up round; each visit builds the state, takes one untimed step, then times "
                 "steps (update + apply_updates, parameters and state donated)",
   }
-  text = render(results, header, targets, forms)
+  text = render_rows(results, header) if args.rows else render(results, header, targets, forms)
   print(text)
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
