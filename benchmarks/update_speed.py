@@ -20,11 +20,13 @@ Run from the repository root::
   python -m benchmarks.update_speed --out benchmarks/results/update_speed.md
   python -m benchmarks.update_speed --quick   # tiny trees, a smoke test
   python -m benchmarks.update_speed --tree resnet18 --no-torch --rounds 15 \
-    --rows "padam p=1/8" "padam p traced" "padam p=0.2" "padam p=0.2 traced" "optax amsgrad" \
-    --out benchmarks/results/traced_p_speed.md   # chosen rows only, a short table
+    --rows "padam p=1/8" "padam p traced" "padam p=1/8, lr injected" "padam p=0.2" \
+    "padam p=0.2 traced" "optax amsgrad" --out benchmarks/results/traced_p_speed.md
+    # chosen rows only, a short table
 
 ``--rows`` also offers rows the full table leaves out (``padam p=0.2``, a
-``p`` without a square-root form, as a number and traced).
+``p`` without a square-root form, as a number and traced; ``padam p=1/8, lr injected``, Padam under
+``optax.inject_hyperparams`` with ``p`` among its ``static_args``).
 
 The PyTorch rows need PyTorch (``pip install -e ".[bench]"``); without it they are skipped and
 the output says so.
@@ -288,6 +290,11 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
       padam_jax.padam, static_args=("learning_rate", "b1", "b2", "eps", "weight_decay", "mask")
   )
 
+  # The learning rate injected (to read or change it), p and the rest kept as numbers.
+  lr_injected = optax.inject_hyperparams(
+      padam_jax.padam, static_args=("p", "b1", "b2", "eps", "weight_decay", "mask")
+  )
+
   def amsgrad(weight_decay):
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.amsgrad(ADAM_LR, B1, B2, EPS))
 
@@ -303,6 +310,8 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
       Row("padam p=1/8", wd, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, weight_decay=wd))),
       Row("optax amsgrad + L2", wd, lambda b: JaxRunner(b, amsgrad(wd))),
       Row("padam p=0.2", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=0.2)), extra=True),
+      Row("padam p=1/8, lr injected", 0.0,
+          lambda b: JaxRunner(b, lr_injected(learning_rate=PADAM_LR, p=P)), extra=True),
       Row("padam p=0.2 traced", 0.0,
           lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=0.2)), extra=True),
   ]

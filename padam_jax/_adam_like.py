@@ -159,14 +159,14 @@ def scale_by_partial_moments(
         rule, b1, b2, eps, updates, state, running_max=running_max
     )
 
-    def step(two_p, m, v):
+    def step(m, v):
       # d = 0 only where every gradient was 0, so m = 0 too: no step there. The guard
       # is needed when eps may be 0 in v's dtype (float16 rounds 1e-8 to 0).
       guard_zero = _common.eps_may_be_zero(eps, v.dtype)
       out = _common.partial_divide(m, rule.denominator(eps, v), two_p, guard_zero=guard_zero)
       return out if scale is None else scale.astype(out.dtype) * out
 
-    steps = _common.map_partial(step, two_p, moments["mu"], statistic)
+    steps = jax.tree.map(step, moments["mu"], statistic)
     return steps, state_type(count=count_inc, **cast_moments(moments, state))
 
   return optax.GradientTransformation(init_fn, update_fn)

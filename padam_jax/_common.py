@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,44 +37,6 @@ def partial_exponent(p: ScalarOrSchedule, count: jax.Array) -> jax.typing.ArrayL
   if _power.static_exponent(value) is not None:  # a schedule that returns Python numbers
     return 2 * min(max(float(value), 0.0), 0.5)
   return 2 * jnp.clip(value, 0.0, 0.5)
-
-
-# The exponents ``2p`` a traced ``p`` is matched against at run time (``p`` = 0, 1/16,
-# 1/8, 1/4, 1/2: SGD with momentum, the paper's grid, Adam's limit). Each adds one
-# branch to the compiled update, the whole rule's step over the tree.
-DISPATCHED_EXPONENTS = (0.0, 0.125, 0.25, 0.5, 1.0)
-
-
-def map_partial(fn: Callable[..., Any], two_p: jax.typing.ArrayLike, *trees: Any) -> Any:
-  """``jax.tree.map(lambda *leaves: fn(two_p, *leaves), *trees)``, with a traced ``two_p``
-  given to ``fn`` as a Python number when it equals one of :data:`DISPATCHED_EXPONENTS`.
-
-  A Python number is passed as is, while tracing. A traced scalar picks at run time one
-  branch of a single ``lax.switch`` over the map of the whole tree: one branch per
-  dispatched exponent, traced with that number (so
-  :func:`padam_jax._power.inverse_power` takes the form it takes for a number, and the
-  result equals that of the number bit for bit), and a last one with the traced value
-  (the general form). Under ``jit`` one branch runs; under ``vmap`` over ``p`` the switch
-  becomes a select and every branch runs.
-
-  The result of a switch is written to memory: the callers map only the step itself (the
-  moments, written to the state, are computed before it), so a state donated to ``jit``
-  is still updated in place.
-  """
-  def mapped(q: jax.typing.ArrayLike, *trees: Any) -> Any:
-    return jax.tree.map(functools.partial(fn, q), *trees)
-
-  if _power.static_exponent(two_p) is not None or jnp.ndim(two_p) != 0:
-    return mapped(two_p, *trees)
-  two_p = jnp.asarray(two_p)
-  if not jnp.issubdtype(two_p.dtype, jnp.floating):
-    return mapped(two_p, *trees)
-  index = jnp.asarray(len(DISPATCHED_EXPONENTS), jnp.int32)
-  for k, q in reversed(list(enumerate(DISPATCHED_EXPONENTS))):
-    index = jnp.where(two_p == jnp.asarray(q, two_p.dtype), k, index)
-  branches = [functools.partial(mapped, q) for q in DISPATCHED_EXPONENTS]
-  branches.append(functools.partial(mapped, two_p))
-  return jax.lax.switch(index, branches, *trees)
 
 
 _HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -278,12 +239,12 @@ def scale_by_partial_accumulator(
     exponent = partial_exponent(p, count)
     accumulator = jax.tree.map(accumulate, updates, accumulator)
 
-    def step(exponent, g, s):
+    def step(g, s):
       denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
       guard_zero = eps_may_be_zero(eps, s.dtype) and eps_may_be_zero(initial_value, s.dtype)
       return partial_divide(like_moment(g, s.dtype), denom, exponent, guard_zero=guard_zero)
 
-    steps = map_partial(step, exponent, updates, accumulator)
+    steps = jax.tree.map(step, updates, accumulator)
     return steps, state_type(optax.safe_increment(count), accumulator)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -97,14 +97,14 @@ def scale_by_partial_adadelta(
     two_p = _common.partial_exponent(p, state.count)
     e_g = jax.tree.map(lambda g, s: _common.ema(rho, g, s, 2), updates, state.e_g)
 
-    def step(two_p, g, cur_e_g, prev_e_x):
+    def step(g, cur_e_g, prev_e_x):
       e = jnp.asarray(eps, cur_e_g.dtype)
       ratio = jnp.sqrt(cur_e_g + e) / jnp.sqrt(prev_e_x + e)  # > 0 since eps > 0
       return _common.partial_divide(
           _common.like_moment(g, cur_e_g.dtype), ratio, two_p, guard_zero=False
       )
 
-    steps = _common.map_partial(step, two_p, updates, e_g, state.e_x)
+    steps = jax.tree.map(step, updates, e_g, state.e_x)
     e_x = jax.tree.map(lambda u, s: _common.ema(rho, u, s, 2), steps, state.e_x)
     return steps, ScaleByPartialAdadeltaState(
         count=optax.safe_increment(state.count), e_g=e_g, e_x=e_x

@@ -21,10 +21,7 @@ tracing:
   general path: the same reduced ``exp``/``log`` form for float32 and
   narrower dtypes (which XLA:CPU evaluates several times faster than
   ``jnp.power``, and more accurately), ``jnp.power`` for other dtypes. A traced
-  ``q`` must lie in ``[0, 1]``: it cannot be checked while tracing. (The rules
-  call this function through :func:`padam_jax._common.map_partial`, which
-  first matches a traced ``q`` against a few dyadic values at run time and
-  passes those as Python numbers.)
+  ``q`` must lie in ``[0, 1]``: it cannot be checked while tracing.
 - a static ``q`` outside ``[0, 1]`` or a dtype without a fast form: ``jnp.power``.
 """
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import optax
 import pytest
 
 import padam_jax
-from padam_jax import _common, _power
+from padam_jax import _power
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23, one ulp at 1
 
@@ -20,8 +18,6 @@ F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23, one ulp at 1
 # one just past it, and fractions that are not k / 2**n (the paper's grid).
 DYADIC_P = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 3 / 8, 3 / 16, 5 / 16, 7 / 16, 5 / 32, 15 / 32]
 OTHER_P = [1 / 128, 0.01, 0.1, 0.2, 1 / 5 + 1e-7, 1 / 3, 0.4, 0.45, 0.499]
-# The p whose traced value takes the static form at run time.
-DISPATCHED_P = [q / 2 for q in _common.DISPATCHED_EXPONENTS]
 
 
 def magnitudes() -> np.ndarray:
@@ -200,128 +196,31 @@ def test_static_p_equals_injected_p(p, weight_decay):
     params = optax.apply_updates(params, a)
 
 
+def test_injected_with_static_p_is_the_fixed_step():
+  """inject_hyperparams(static_args=("p", ...)) keeps p a number: the fixed-p step, exactly."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+  fixed = padam_jax.padam(learning_rate=0.1, p=1 / 8, weight_decay=5e-4)
+  # The learning rate stays injected (it can be read and changed); p, b1, b2, eps stay numbers.
+  injected = optax.inject_hyperparams(padam_jax.padam, static_args=("p", "b1", "b2", "eps"))(
+      learning_rate=0.1, p=1 / 8, weight_decay=5e-4
+  )
+  fixed_update, injected_update = jax.jit(fixed.update), jax.jit(injected.update)
+  fixed_state, injected_state = fixed.init(params), injected.init(params)
+  assert "learning_rate" in injected_state.hyperparams and "p" not in injected_state.hyperparams
+  # No exp/log form in the step: the square roots of the fixed number.
+  ops = primitives(injected_update, params, injected_state, params)
+  assert "round" not in ops and "exp" not in ops and "log" not in ops
+  for _ in range(4):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    a, fixed_state = fixed_update(grads, fixed_state, params)
+    b, injected_state = injected_update(grads, injected_state, params)
+    np.testing.assert_array_equal(a["w"], b["w"])
+    params = optax.apply_updates(params, a)
+
+
 @pytest.mark.parametrize("q", [0.25, 0.4, "traced"])
 def test_nan_and_negative_inputs_give_nan(q):
   x = jnp.array([np.nan, -1.0, -1e-20], jnp.float32)
   y = _power.inverse_power(x, jnp.float32(0.4)) if q == "traced" else _power.inverse_power(x, q)
   assert np.isnan(y).all()
-
-
-# Every rule of the family that raises to the power 2p, with its own hyperparameters, and
-# whether a traced p gives its static updates bit for bit. padamw adds the decoupled decay
-# to the step after it: fused into the step's kernel for a static p, and after the run-time
-# switch for a traced one, the sum may round differently (an ulp of the step).
-FAMILY = {
-    "padam": (padam_jax.padam, {"weight_decay": 5e-4}, True),
-    "padamw": (padam_jax.padamw, {}, False),
-    "partial_adam": (padam_jax.partial_adam, {}, True),
-    "partial_adamax": (padam_jax.partial_adamax, {}, True),
-    "partial_rmsprop": (padam_jax.partial_rmsprop, {"momentum": 0.9}, True),
-    "partial_adagrad": (padam_jax.partial_adagrad, {"initial_accumulator_value": 0.1}, True),
-    "partial_adadelta": (padam_jax.partial_adadelta, {}, True),
-}
-
-
-def injected_p(factory, **kwargs):
-  """``factory`` with only ``p`` injected (traced under ``jit``), every other argument static."""
-  names = [n for n in inspect.signature(factory).parameters if n != "p"]
-  return optax.inject_hyperparams(factory, static_args=names)(**kwargs)
-
-
-def family_params():
-  return {
-      "w": jnp.asarray(np.linspace(-1.0, 1.0, 12).reshape(4, 3), jnp.float32),
-      "b": jnp.asarray([1e-3, -2e-3, 0.0], jnp.float32),
-  }
-
-
-def family_grads(rng, params, step):
-  # Gradients over many decades, exact zeros included.
-  return jax.tree.map(
-      lambda x: jnp.asarray(
-          rng.normal(size=x.shape) * 10.0 ** rng.uniform(-12, 2, size=x.shape)
-          * (rng.uniform(size=x.shape) > 0.2 * (step % 2)),
-          jnp.float32,
-      ),
-      params,
-  )
-
-
-def run_updates(update, state, params, steps=4):
-  """The updates of ``steps`` steps from fixed random gradients, parameters moved by them."""
-  rng = np.random.default_rng(0)
-  out = []
-  for step in range(steps):
-    updates, state = update(family_grads(rng, params, step), state, params)
-    out.append(updates)
-    params = optax.apply_updates(params, updates)
-  return out
-
-
-def assert_bitwise_equal(a, b, exact=True):
-  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    if exact:
-      np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
-    else:
-      np.testing.assert_allclose(np.asarray(leaf_a), np.asarray(leaf_b), rtol=2 * F32_EPS, atol=0)
-
-
-@pytest.mark.parametrize("name", FAMILY)
-def test_traced_p_dispatches_to_the_static_form_bit_for_bit(name, monkeypatch):
-  """A traced p equal to a dispatched value gives exactly the updates of that p as a number;
-  any other traced p gives exactly those of the general form."""
-  factory, kwargs, exact = FAMILY[name]
-  params = family_params()
-  injected = injected_p(factory, learning_rate=0.1, p=0.125, **kwargs)
-  injected_update = jax.jit(injected.update)  # one compilation: p is part of the state
-
-  def with_p(p):
-    state = injected.init(params)
-    return state._replace(hyperparams={**state.hyperparams, "p": jnp.float32(p)})
-
-  # The whole step's map is one switch: a branch per dispatched exponent and the general one.
-  jaxpr = jax.make_jaxpr(injected.update)(params, with_p(0.125), params)
-  conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
-  assert len(conds) == 1 and len(conds[0].params["branches"]) == len(DISPATCHED_P) + 1
-  static = factory(learning_rate=0.1, p=0.125, **kwargs)
-  assert "cond" not in primitives(static.update, params, static.init(params), params)
-
-  for p in DISPATCHED_P:
-    static = factory(learning_rate=0.1, p=p, **kwargs)
-    expected = run_updates(jax.jit(static.update), static.init(params), params)
-    assert_bitwise_equal(run_updates(injected_update, with_p(p), params), expected, exact)
-
-  traced = {p: run_updates(injected_update, with_p(p), params) for p in (0.2, 3 / 8)}
-  monkeypatch.setattr(_common, "DISPATCHED_EXPONENTS", ())
-  general_update = jax.jit(lambda *args: injected.update(*args))  # traced afresh, no switch
-  assert "cond" not in primitives(general_update, params, with_p(0.2), params)
-  for p, updates in traced.items():
-    assert_bitwise_equal(updates, run_updates(general_update, with_p(p), params))
-
-
-def test_schedule_takes_the_static_form_while_it_holds_a_dispatched_value():
-  params = family_params()
-  scheduled = padam_jax.padam(learning_rate=0.1, p=lambda t: jnp.where(t < 2, 0.5, 0.125))
-  half, eighth = padam_jax.padam(learning_rate=0.1, p=0.5), padam_jax.padam(learning_rate=0.1, p=0.125)
-  half_update, eighth_update = jax.jit(half.update), jax.jit(eighth.update)
-
-  def static_update(grads, state, params):
-    return (half_update if state[1].count < 2 else eighth_update)(grads, state, params)
-
-  expected = run_updates(static_update, half.init(params), params)
-  assert_bitwise_equal(run_updates(jax.jit(scheduled.update), scheduled.init(params), params), expected)
-
-
-def test_traced_p_under_vmap_equals_each_p():
-  """Under vmap over p the switch becomes a select over every branch: the same values."""
-  params = family_params()
-  grads = family_grads(np.random.default_rng(1), params, 0)
-  ps = jnp.asarray([0.125, 0.2, 0.5, 0.0], jnp.float32)
-
-  def update(p):
-    tx = padam_jax.scale_by_partial_amsgrad(p=p)
-    return tx.update(grads, tx.init(params))[0]
-
-  batched = jax.jit(jax.vmap(update))(ps)
-  for i, p in enumerate(ps):
-    assert_bitwise_equal(jax.tree.map(lambda x, i=i: x[i], batched), jax.jit(update)(p))
