@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import types
@@ -104,7 +105,7 @@ def check_int(flag: str, value: Any, *, minimum: int | None = None, optional: bo
   if optional and value is None:
     return
   if (
-    not isinstance(value, int)
+    not isinstance(value, numbers.Integral)
     or isinstance(value, bool)
     or (minimum is not None and value < minimum)
   ):
@@ -117,7 +118,7 @@ def check_number(
 ) -> None:
   """Raises ValueError naming ``flag``, ``value`` and what is valid unless ``value`` is a finite
   number (not a bool), > 0 when ``positive``, >= ``minimum`` when given."""
-  number = isinstance(value, int | float) and not isinstance(value, bool)
+  number = isinstance(value, numbers.Real) and not isinstance(value, bool)
   ok = number and math.isfinite(value)
   ok = ok and not (positive and value <= 0) and not (minimum is not None and value < minimum)
   if not ok:

@@ -38,6 +38,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import pathlib
 import shutil
@@ -160,8 +161,8 @@ class LoopConfig:
     if "learning_rate" in self.hparams:
       value = self.hparams["learning_rate"]
       raise ValueError(
-        f"--hparam learning_rate={json.dumps(value)} is not valid; set the base learning rate "
-        "with --lr"
+        f"--hparam learning_rate={json.dumps(value, default=repr)} is not valid; set the base "
+        "learning rate with --lr"
       )
     if self.resume and self.overwrite:
       raise ValueError(
@@ -476,27 +477,26 @@ class Checkpoints:
   def restore_newest(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
     """The state and metadata of the newest checkpoint that verifies, or None if there is none.
 
-    Each newer checkpoint that does not is reported in one line and deleted (its epoch is run
+    Each newer checkpoint that does not is reported in one line and deleted (its epochs are run
     again). When none verifies, all are left as they are and CheckpointError is raised.
     """
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    failed = []
-    for epoch in steps:
+    failed: list[tuple[int, str]] = []
+    for epoch in sorted(self.manager.all_steps(), reverse=True):
       try:
         state, meta = self.restore(epoch, like)
       except CheckpointError as e:
-        print(f"warning: {self._describe(epoch)} {e}; not used", file=sys.stderr, flush=True)
-        failed.append(epoch)
+        failed.append((epoch, f"{self._describe(epoch)} {e}"))
         continue
+      for bad, reason in failed:
+        print(f"warning: {reason}; deleted, continuing from epoch {epoch}", file=sys.stderr)
+        self.manager.delete(bad)
       if "sha256" not in meta:
         print(f"warning: {self._describe(epoch)} has no digest; used unverified", file=sys.stderr)
-      for bad in failed:
-        self.manager.delete(bad)
       self.verified = [epoch]
       return state, meta
     if failed:
       raise CheckpointError(
-        f"no checkpoint in {self.directory} verifies (epochs {', '.join(map(str, failed))}); "
+        f"no checkpoint in {self.directory} can be used ({'; '.join(r for _, r in failed)}); "
         "pass --overwrite to start the run again or choose a new --workdir"
       )
     return None
@@ -586,7 +586,7 @@ def check_devices(config: LoopConfig) -> int:
   available = len(jax.devices())
   count = available if config.devices is None else config.devices
   if count > available:
-    raise ValueError(f"--devices {count} is not valid; {available} are available")
+    raise ValueError(f"--devices {count} is not valid; this machine has {available} device(s)")
   if config.batch_size % count:
     raise ValueError(
       f"--batch-size {config.batch_size} is not valid; it must be a multiple of the {count} "
@@ -596,12 +596,14 @@ def check_devices(config: LoopConfig) -> int:
 
 
 def _check_hparam_type(key: str, value: Any, default: Any) -> None:
-  text = f"--hparam {key}={json.dumps(value)} is not valid"
+  if callable(value):
+    return  # a schedule (e.g. of p), through the Python API; the optimizer checks it
+  text = f"--hparam {key}={json.dumps(value, default=repr)} is not valid"
   if isinstance(default, bool):
     if not isinstance(value, bool):
       raise ValueError(f"{text}; expected true or false")
   elif isinstance(default, int | float) or default is None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if default is None and value is None:
       return
     if not number or not math.isfinite(value):
@@ -616,7 +618,7 @@ def check_optimizer(config: LoopConfig, registry_task: str) -> None:
     if key not in defaults:
       valid = ", ".join(sorted(k for k in defaults if k != "learning_rate"))
       raise ValueError(
-        f"--hparam {key}={json.dumps(value)} is not valid; {config.optimizer} has no "
+        f"--hparam {key}={json.dumps(value, default=repr)} is not valid; {config.optimizer} has no "
         f"hyperparameter {key!r} (valid: {valid}; the base rate is --lr)"
       )
     _check_hparam_type(key, value, defaults[key])
@@ -632,7 +634,9 @@ def check_optimizer(config: LoopConfig, registry_task: str) -> None:
       **dict(config.hparams),
     )
   except (TypeError, ValueError) as e:
-    shown = " ".join(f"--hparam {k}={json.dumps(v)}" for k, v in config.hparams.items())
+    shown = " ".join(
+      f"--hparam {k}={json.dumps(v, default=repr)}" for k, v in config.hparams.items()
+    )
     raise ValueError(f"{config.optimizer} rejects its hyperparameters ({shown}): {e}") from e
 
 
@@ -1225,7 +1229,7 @@ def record_epoch(
   config: LoopConfig,
   setup: optimizers.OptimizerSetup | None = None,
 ) -> None:
-  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl and one printed line.
+  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl, a printed line.
 
   A state with a non-finite array stops the run (:func:`check_finite_state`) before anything of
   the epoch is written.

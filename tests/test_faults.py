@@ -125,7 +125,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_verified_one(tmp_path, caps
     capsys.readouterr()
     history = training.train(PoisonedTask(), resume)
     err = capsys.readouterr().err
-    assert f"the checkpoint of epoch {newest} in" in err and "not used" in err, corrupt
+    assert f"the checkpoint of epoch {newest} in" in err and "deleted, continuing from epoch" in err
     assert "Traceback" not in err
     assert without_timing(history) == without_timing(full), corrupt
     assert without_timing(metrics.read_metrics(cfg.workdir)) == without_timing(full)
@@ -146,7 +146,7 @@ def _must_not_run(*args, **kwargs):
   raise AssertionError("got past the checks")
 
 
-# --- the command lines -----------------------------------------------------------------------------
+# --- the command lines ---------------------------------------------------------------------------
 
 
 class TinyNet(nnx.Module):
