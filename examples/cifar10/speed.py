@@ -67,7 +67,8 @@ def measure(
     "load_before": load_before,
     "load_after": load_after,
     "cpus": os.cpu_count(),
-    "command": " ".join(command[1:]).replace(workdir, "TMP"),
+    # The record names no folder of the machine that made it.
+    "command": " ".join(command[1:]).replace(workdir, "TMP").replace(data_dir or "\0", "DIR"),
   }
 
 
