@@ -39,13 +39,13 @@ def _paper(*values: float) -> dict[str, float]:
 
 # The paper's final-epoch numbers (its Tables 1 and 3), by model and optimizer.
 PAPER_CIFAR10_ACC = {
-    "vgg16": _paper(93.71, 92.21, 92.54, 93.54, 92.94, 93.28, 93.78),
-    "resnet18": _paper(95.00, 92.89, 93.53, 94.56, 93.92, 94.16, 94.94),
-    "wrn16_4": _paper(95.26, 92.27, 92.91, 95.08, 94.23, 93.85, 95.34),
+  "vgg16": _paper(93.71, 92.21, 92.54, 93.54, 92.94, 93.28, 93.78),
+  "resnet18": _paper(95.00, 92.89, 93.53, 94.56, 93.92, 94.16, 94.94),
+  "wrn16_4": _paper(95.26, 92.27, 92.91, 95.08, 94.23, 93.85, 95.34),
 }
 PAPER_PTB_PPL = {
-    "lstm2": _paper(63.37, 61.58, 62.56, 63.93, 64.13, 63.14, 61.53),
-    "lstm3": _paper(61.22, 60.44, 61.92, 63.24, 60.01, 60.89, 58.48),
+  "lstm2": _paper(63.37, 61.58, 62.56, 63.93, 64.13, 63.14, 61.53),
+  "lstm3": _paper(61.22, 60.44, 61.92, 63.24, 60.01, 60.89, 58.48),
 }
 
 
@@ -56,7 +56,9 @@ class Variant:
   label: str
   optimizer: str
   hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  run: str | None = None  # the run folder's name when it is not the label's (a run shared by protocols)
+  run: str | None = (
+    None  # the run folder's name when it is not the label's (a run shared by protocols)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,104 +94,104 @@ def _seven() -> tuple[Variant, ...]:
 
 
 _P_SWEEP = (
-    Variant("padam p=1/2", "padam", {"p": 0.5}),
-    Variant("padam p=1/4", "padam", {"p": 0.25}),
-    Variant("padam p=1/8", "padam", run="padam"),  # the registry's default: cifar10-mini's run
-    Variant("padam p=1/16", "padam", {"p": 0.0625}),
-    Variant("sgdm", "sgdm"),  # p -> 0
+  Variant("padam p=1/2", "padam", {"p": 0.5}),
+  Variant("padam p=1/4", "padam", {"p": 0.25}),
+  Variant("padam p=1/8", "padam", run="padam"),  # the registry's default: cifar10-mini's run
+  Variant("padam p=1/16", "padam", {"p": 0.0625}),
+  Variant("sgdm", "sgdm"),  # p -> 0
 )
 
 _CIFAR10_MINI = dict(
-    model="resnet8", train_size=1000, test_size=1000, batch_size=32, epochs=240, eval_batch_size=1000
+  model="resnet8", train_size=1000, test_size=1000, batch_size=32, epochs=240, eval_batch_size=1000
 )
 _CIFAR10_MINI_ABOUT = (
-    "ResNet-8 (widths 16/32/64, 75k parameters) on a class-balanced 1,000-image subset of the "
-    "CIFAR-10 training set with the reference augmentation, tested on a class-balanced 1,000 "
-    "test images after every epoch; batch 32 "
-    "(31 steps an epoch), 240 epochs = 7,440 steps, learning rate x0.1 after epochs 120 and 180; "
-    "the paper's hyperparameters from the registry. Why: the paper's effects live where the "
-    "training loss approaches zero and the decays decide generalization; on 2 CPU cores that "
-    "needs thousands of cheap steps on a set small enough to be fitted (the measured pilots "
-    "stopped at train loss 0.6-1.0 after 600-2,500 steps); measured 515-706 s a run on the 2-core "
-    "CPU, so the 7 optimizers take ~65 minutes a seed. A seed draws the model's initialization, "
-    "the augmentation and the batch order, and also the 1,000-image training and test subsets, so "
-    "the spread over seeds includes the choice of subset."
+  "ResNet-8 (widths 16/32/64, 75k parameters) on a class-balanced 1,000-image subset of the "
+  "CIFAR-10 training set with the reference augmentation, tested on a class-balanced 1,000 "
+  "test images after every epoch; batch 32 "
+  "(31 steps an epoch), 240 epochs = 7,440 steps, learning rate x0.1 after epochs 120 and 180; "
+  "the paper's hyperparameters from the registry. Why: the paper's effects live where the "
+  "training loss approaches zero and the decays decide generalization; on 2 CPU cores that "
+  "needs thousands of cheap steps on a set small enough to be fitted (the measured pilots "
+  "stopped at train loss 0.6-1.0 after 600-2,500 steps); measured 515-706 s a run on the 2-core "
+  "CPU, so the 7 optimizers take ~65 minutes a seed. A seed draws the model's initialization, "
+  "the augmentation and the batch order, and also the 1,000-image training and test subsets, so "
+  "the spread over seeds includes the choice of subset."
 )
 
 PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in (
-        Protocol(
-            name="cifar10-mini",
-            task="cifar10",
-            setting="cifar10-mini",
-            config=_CIFAR10_MINI,
-            variants=_seven(),
-            seeds=2,
-            paper=("paper: ResNet-18, full CIFAR-10, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
-            about=_CIFAR10_MINI_ABOUT,
-        ),
-        Protocol(
-            name="psweep-mini",
-            task="cifar10",
-            setting="cifar10-mini",
-            config=_CIFAR10_MINI,
-            variants=_P_SWEEP,
-            figure="psweep",
-            about="Padam's p on the cifar10-mini setting (the paper's Figure 1). " + _CIFAR10_MINI_ABOUT,
-        ),
-        Protocol(
-            name="ptb-mini",
-            task="ptb",
-            setting="ptb-mini",
-            config=dict(model="lstm2-small", epochs=4, batch_size=20, train_tokens=300_000),
-            variants=_seven(),
-            paper=("paper: 2-layer LSTM (size not given), 200 epochs", PAPER_PTB_PPL["lstm2"]),
-            about=(
-                "lstm2-small (2x200) on the first 300,000 training tokens of PTB, 4 epochs, batch "
-                "20, learning rate x0.1 after epochs 2 and 3, the paper's ptb2 hyperparameters from "
-                "the registry; full validation and test streams. Why: at ~3,500 training tokens/s "
-                "on the 2-core CPU, 60 minutes for seven optimizers is ~1.2M tokens each, 1.3 "
-                "passes over PTB's 929k; a 300k-token prefix seen 4 times keeps the paper's two "
-                "decays and a per-epoch curve (measured 328-378 s a run, 42 minutes in all). It "
-                "compares early training, far from the paper's converged perplexities."
-            ),
-        ),
-        Protocol(
-            name="gpu-short",
-            task="cifar10",
-            setting="gpu-short",
-            config=dict(model="resnet18", epochs=8, batch_size=128, eval_batch_size=2000),
-            variants=_seven(),
-            paper=("paper: ResNet-18, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
-            about="ResNet-18 on full CIFAR-10, 8 epochs per optimizer: sized for ~10 minutes on one H200.",
-        ),
-        *(
-            Protocol(
-                name=f"paper-cifar10-{model}",
-                task="cifar10",
-                setting=f"paper-cifar10-{model}",
-                config=dict(model=model, epochs=200, batch_size=128),
-                variants=_seven(),
-                paper=(f"paper: {model}", PAPER_CIFAR10_ACC[model]),
-                about="The paper's exact CIFAR-10 configuration (its Section 5), for GPU/TPU.",
-            )
-            for model in PAPER_CIFAR10_ACC
-        ),
-        *(
-            Protocol(
-                name=f"paper-ptb-{model}",
-                task="ptb",
-                setting=f"paper-ptb-{model}",
-                config=dict(model=model, epochs=200, batch_size=20),
-                variants=_seven(),
-                paper=(f"paper: {model}", PAPER_PTB_PPL[model]),
-                about="The paper's PTB configuration (its Section 5; LSTM sizes are this project's "
-                "choice).",
-            )
-            for model in PAPER_PTB_PPL
-        ),
-    )
+  p.name: p
+  for p in (
+    Protocol(
+      name="cifar10-mini",
+      task="cifar10",
+      setting="cifar10-mini",
+      config=_CIFAR10_MINI,
+      variants=_seven(),
+      seeds=2,
+      paper=("paper: ResNet-18, full CIFAR-10, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
+      about=_CIFAR10_MINI_ABOUT,
+    ),
+    Protocol(
+      name="psweep-mini",
+      task="cifar10",
+      setting="cifar10-mini",
+      config=_CIFAR10_MINI,
+      variants=_P_SWEEP,
+      figure="psweep",
+      about="Padam's p on the cifar10-mini setting (the paper's Figure 1). " + _CIFAR10_MINI_ABOUT,
+    ),
+    Protocol(
+      name="ptb-mini",
+      task="ptb",
+      setting="ptb-mini",
+      config=dict(model="lstm2-small", epochs=4, batch_size=20, train_tokens=300_000),
+      variants=_seven(),
+      paper=("paper: 2-layer LSTM (size not given), 200 epochs", PAPER_PTB_PPL["lstm2"]),
+      about=(
+        "lstm2-small (2x200) on the first 300,000 training tokens of PTB, 4 epochs, batch "
+        "20, learning rate x0.1 after epochs 2 and 3, the paper's ptb2 hyperparameters from "
+        "the registry; full validation and test streams. Why: at ~3,500 training tokens/s "
+        "on the 2-core CPU, 60 minutes for seven optimizers is ~1.2M tokens each, 1.3 "
+        "passes over PTB's 929k; a 300k-token prefix seen 4 times keeps the paper's two "
+        "decays and a per-epoch curve (measured 328-378 s a run, 42 minutes in all). It "
+        "compares early training, far from the paper's converged perplexities."
+      ),
+    ),
+    Protocol(
+      name="gpu-short",
+      task="cifar10",
+      setting="gpu-short",
+      config=dict(model="resnet18", epochs=8, batch_size=128, eval_batch_size=2000),
+      variants=_seven(),
+      paper=("paper: ResNet-18, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
+      about="ResNet-18 on full CIFAR-10, 8 epochs per optimizer: sized for ~10 minutes on one H200.",
+    ),
+    *(
+      Protocol(
+        name=f"paper-cifar10-{model}",
+        task="cifar10",
+        setting=f"paper-cifar10-{model}",
+        config=dict(model=model, epochs=200, batch_size=128),
+        variants=_seven(),
+        paper=(f"paper: {model}", PAPER_CIFAR10_ACC[model]),
+        about="The paper's exact CIFAR-10 configuration (its Section 5), for GPU/TPU.",
+      )
+      for model in PAPER_CIFAR10_ACC
+    ),
+    *(
+      Protocol(
+        name=f"paper-ptb-{model}",
+        task="ptb",
+        setting=f"paper-ptb-{model}",
+        config=dict(model=model, epochs=200, batch_size=20),
+        variants=_seven(),
+        paper=(f"paper: {model}", PAPER_PTB_PPL[model]),
+        about="The paper's PTB configuration (its Section 5; LSTM sizes are this project's "
+        "choice).",
+      )
+      for model in PAPER_PTB_PPL
+    ),
+  )
 }
 
 
@@ -197,7 +199,9 @@ def _slug(label: str) -> str:
   return label.replace(" ", "-").replace("/", "_").replace("=", "")
 
 
-def run_dir(protocol: Protocol, variant: Variant, seed: int, root: pathlib.Path = RESULTS) -> pathlib.Path:
+def run_dir(
+  protocol: Protocol, variant: Variant, seed: int, root: pathlib.Path = RESULTS
+) -> pathlib.Path:
   return root / "runs" / protocol.setting / f"{_slug(variant.run or variant.label)}-seed{seed}"
 
 
@@ -219,14 +223,14 @@ def _finished_epochs(workdir: pathlib.Path) -> int:
 
 
 def run_grid(
-    protocol: Protocol,
-    *,
-    seeds: int,
-    only: Sequence[str] = (),
-    data_dir: str | None = None,
-    root: pathlib.Path = RESULTS,
-    overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
+  protocol: Protocol,
+  *,
+  seeds: int,
+  only: Sequence[str] = (),
+  data_dir: str | None = None,
+  root: pathlib.Path = RESULTS,
+  overrides: Mapping[str, Any] | None = None,
+  progress: bool = True,
 ) -> None:
   """Trains every (variant, seed) of ``protocol`` that is not finished, rewriting the report after each."""
   trainer = _trainer(protocol.task)
@@ -246,20 +250,21 @@ def run_grid(
         print(f"[{protocol.name}] {variant.label} seed {seed}: finished, skipped", flush=True)
         continue
       print(
-          f"[{protocol.name}] {variant.label} seed {seed}: "
-          + ("resuming" if done else "starting") + f" in {workdir}",
-          flush=True,
+        f"[{protocol.name}] {variant.label} seed {seed}: "
+        + ("resuming" if done else "starting")
+        + f" in {workdir}",
+        flush=True,
       )
       start = time.perf_counter()
       config = trainer.Config(
-          **config_fields,
-          optimizer=variant.optimizer,
-          hparams=dict(variant.hparams),
-          seed=seed,
-          workdir=str(workdir),
-          resume=True,
-          data_dir=data_dir,
-          progress=progress,
+        **config_fields,
+        optimizer=variant.optimizer,
+        hparams=dict(variant.hparams),
+        seed=seed,
+        workdir=str(workdir),
+        resume=True,
+        data_dir=data_dir,
+        progress=progress,
       )
       trainer.train_and_evaluate(config)
       print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
@@ -269,7 +274,9 @@ def run_grid(
 # ---- the report: from the metrics files only ----
 
 
-def _collect(protocol: Protocol, seeds: int, root: pathlib.Path) -> dict[str, list[list[dict[str, Any]]]]:
+def _collect(
+  protocol: Protocol, seeds: int, root: pathlib.Path
+) -> dict[str, list[list[dict[str, Any]]]]:
   """label -> list (one per seed that has any epoch) of per-epoch records."""
   runs: dict[str, list[list[dict[str, Any]]]] = {}
   for variant in protocol.variants:
@@ -410,8 +417,12 @@ def render(table: Table) -> str:
   """The table in markdown, the paper's Table 1/3 layout: mean ± deviation, the best in bold."""
   early = table.early_epoch
   header = [
-      "optimizer", f"final {table.metric}", f"{table.metric}, epoch {early}", "final train loss",
-      f"train loss, epoch {early}", "seeds",
+    "optimizer",
+    f"final {table.metric}",
+    f"{table.metric}, epoch {early}",
+    "final train loss",
+    f"train loss, epoch {early}",
+    "seeds",
   ]
   if table.paper_title:
     header.append(table.paper_title)
@@ -436,33 +447,46 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
   out = root / protocol.name
   out.mkdir(parents=True, exist_ok=True)
   command = f"python -m benchmarks.reproduce {protocol.name}" + (
-      f" --seeds {seeds}" if seeds != protocol.seeds else ""
+    f" --seeds {seeds}" if seeds != protocol.seeds else ""
   )
   text = (
-      f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
-      f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
-      f"deviation over seeds where there is more than one; best final value in bold. Runs: "
-      f"`benchmarks/results/runs/{protocol.setting}/`.\n\n{table(protocol, seeds, root)}"
+    f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
+    f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
+    f"deviation over seeds where there is more than one; best final value in bold. Runs: "
+    f"`benchmarks/results/runs/{protocol.setting}/`.\n\n{table(protocol, seeds, root)}"
   )
   (out / "table.md").write_text(text)
   workdirs, labels = [], []  # one line per variant: the mean over its seeds, their range shaded
   for variant in protocol.variants:
-    group = [str(w) for seed in range(seeds) if _finished_epochs(w := run_dir(protocol, variant, seed, root))]
+    group = [
+      str(w)
+      for seed in range(seeds)
+      if _finished_epochs(w := run_dir(protocol, variant, seed, root))
+    ]
     if group:
       workdirs.append(group)
       labels.append(variant.label)
   if workdirs:
     name = "figure1_p_sweep.png" if protocol.figure == "psweep" else "figure2_curves.png"
-    plot.plot(workdirs, str(out / name), labels, title=f"{protocol.name}: {protocol.config.get('model')}")
+    plot.plot(
+      workdirs, str(out / name), labels, title=f"{protocol.name}: {protocol.config.get('model')}"
+    )
   return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("protocol", nargs="?", choices=sorted(PROTOCOLS), metavar="PROTOCOL",
-                      help=f"one of: {', '.join(PROTOCOLS)}")
+  parser.add_argument(
+    "protocol",
+    nargs="?",
+    choices=sorted(PROTOCOLS),
+    metavar="PROTOCOL",
+    help=f"one of: {', '.join(PROTOCOLS)}",
+  )
   parser.add_argument("--list", action="store_true", help="list the protocols and exit")
-  parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's)")
+  parser.add_argument(
+    "--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's)"
+  )
   parser.add_argument("--only", nargs="*", default=(), help="only these optimizers / labels")
   parser.add_argument("--data-dir", default=None, help="dataset folder (default: $PADAM_DATA_DIR)")
   parser.add_argument("--report-only", action="store_true", help="only rewrite table and figures")
@@ -470,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.list or args.protocol is None:
     for p in PROTOCOLS.values():
-      print(f"{p.name:24s} {p.task:8s} {len(p.variants)} variants x {p.seeds} seed(s): {p.about[:80]}")
+      print(
+        f"{p.name:24s} {p.task:8s} {len(p.variants)} variants x {p.seeds} seed(s): {p.about[:80]}"
+      )
     return 0
   protocol = PROTOCOLS[args.protocol]
   seeds = protocol.seeds if args.seeds is None else args.seeds
@@ -481,8 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cli.configure_xla([])
     try:
-      run_grid(protocol, seeds=seeds, only=args.only, data_dir=args.data_dir,
-               progress=not args.no_progress)
+      run_grid(
+        protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, progress=not args.no_progress
+      )
     except (ValueError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -68,10 +68,10 @@ LOAD_WARNING = 2.5  # load average above which timings on a 2-core machine are n
 
 
 def resnet18_shapes(
-    widths: tuple[int, ...] = (64, 128, 256, 512),
-    blocks: tuple[int, ...] = (2, 2, 2, 2),
-    in_channels: int = 3,
-    classes: int = 10,
+  widths: tuple[int, ...] = (64, 128, 256, 512),
+  blocks: tuple[int, ...] = (2, 2, 2, 2),
+  in_channels: int = 3,
+  classes: int = 10,
 ) -> Shapes:
   """Parameter shapes of the CIFAR ResNet-18 (3x3 stem, BasicBlocks, 1x1 shortcuts).
 
@@ -101,7 +101,7 @@ def resnet18_shapes(
 
 
 def transformer_shapes(
-    layers: int = 12, width: int = 768, vocab: int = 16_384, context: int = 1024, mlp: int = 4
+  layers: int = 12, width: int = 768, vocab: int = 16_384, context: int = 1024, mlp: int = 4
 ) -> Shapes:
   """Parameter shapes of a GPT-2-style decoder with tied embeddings (98.4M by default)."""
   shapes: Shapes = {"embed/tokens": (vocab, width), "embed/positions": (context, width)}
@@ -251,8 +251,13 @@ class TorchAdamRunner:
 
   def setup(self) -> None:
     self.opt = torch.optim.Adam(
-        self.params, lr=ADAM_LR, betas=(B1, B2), eps=EPS, weight_decay=self.weight_decay,
-        amsgrad=True, fused=True,
+      self.params,
+      lr=ADAM_LR,
+      betas=(B1, B2),
+      eps=EPS,
+      weight_decay=self.weight_decay,
+      amsgrad=True,
+      fused=True,
     )
 
   def step(self) -> None:
@@ -260,8 +265,10 @@ class TorchAdamRunner:
 
   def state_bytes(self) -> int:
     return sum(
-        t.numel() * t.element_size()
-        for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)
+      t.numel() * t.element_size()
+      for s in self.opt.state.values()
+      for t in s.values()
+      if torch.is_tensor(t)
     )
 
   def teardown(self) -> None:
@@ -287,40 +294,63 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
   # Only p is injected: injecting weight_decay too would keep its (zero) term in
   # the traced step, two more reads of the parameters.
   traced = optax.inject_hyperparams(
-      padam_jax.padam, static_args=("learning_rate", "b1", "b2", "eps", "weight_decay", "mask")
+    padam_jax.padam, static_args=("learning_rate", "b1", "b2", "eps", "weight_decay", "mask")
   )
 
   # The learning rate injected (to read or change it), p and the rest kept as numbers.
   lr_injected = optax.inject_hyperparams(
-      padam_jax.padam, static_args=("p", "b1", "b2", "eps", "weight_decay", "mask")
+    padam_jax.padam, static_args=("p", "b1", "b2", "eps", "weight_decay", "mask")
   )
 
   def amsgrad(weight_decay):
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.amsgrad(ADAM_LR, B1, B2, EPS))
 
   rows = [
-      Row("padam p=1/8", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P))),
-      Row("padam p traced", 0.0, lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=P))),
-      Row("padam p=1/8 mu bf16", 0.0,
-          lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, mu_dtype=jnp.bfloat16))),
-      Row("optax sgd momentum 0.9", 0.0, lambda b: JaxRunner(b, optax.sgd(SGD_LR, momentum=0.9))),
-      Row("optax adam", 0.0, lambda b: JaxRunner(b, optax.adam(ADAM_LR, B1, B2, EPS))),
-      Row("optax amsgrad", 0.0, lambda b: JaxRunner(b, optax.amsgrad(ADAM_LR, B1, B2, EPS))),
-      Row("floor (adds only)", 0.0, lambda b: JaxRunner(b, floor_transformation()), kind="floor"),
-      Row("padam p=1/8", wd, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, weight_decay=wd))),
-      Row("optax amsgrad + L2", wd, lambda b: JaxRunner(b, amsgrad(wd))),
-      Row("padam p=0.2", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=0.2)), extra=True),
-      Row("padam p=1/8, lr injected", 0.0,
-          lambda b: JaxRunner(b, lr_injected(learning_rate=PADAM_LR, p=P)), extra=True),
-      Row("padam p=0.2 traced", 0.0,
-          lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=0.2)), extra=True),
+    Row("padam p=1/8", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P))),
+    Row("padam p traced", 0.0, lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=P))),
+    Row(
+      "padam p=1/8 mu bf16",
+      0.0,
+      lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, mu_dtype=jnp.bfloat16)),
+    ),
+    Row("optax sgd momentum 0.9", 0.0, lambda b: JaxRunner(b, optax.sgd(SGD_LR, momentum=0.9))),
+    Row("optax adam", 0.0, lambda b: JaxRunner(b, optax.adam(ADAM_LR, B1, B2, EPS))),
+    Row("optax amsgrad", 0.0, lambda b: JaxRunner(b, optax.amsgrad(ADAM_LR, B1, B2, EPS))),
+    Row("floor (adds only)", 0.0, lambda b: JaxRunner(b, floor_transformation()), kind="floor"),
+    Row("padam p=1/8", wd, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, weight_decay=wd))),
+    Row("optax amsgrad + L2", wd, lambda b: JaxRunner(b, amsgrad(wd))),
+    Row("padam p=0.2", 0.0, lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=0.2)), extra=True),
+    Row(
+      "padam p=1/8, lr injected",
+      0.0,
+      lambda b: JaxRunner(b, lr_injected(learning_rate=PADAM_LR, p=P)),
+      extra=True,
+    ),
+    Row(
+      "padam p=0.2 traced",
+      0.0,
+      lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=0.2)),
+      extra=True,
+    ),
   ]
   if with_torch:
     for decay in torch_decays:
-      rows.append(Row("torch Padam (reference rule)", decay,
-                      lambda b, d=decay: TorchPadamRunner(b, d), kind="torch"))
-      rows.append(Row("torch Adam(amsgrad, fused)", decay,
-                      lambda b, d=decay: TorchAdamRunner(b, d), kind="torch"))
+      rows.append(
+        Row(
+          "torch Padam (reference rule)",
+          decay,
+          lambda b, d=decay: TorchPadamRunner(b, d),
+          kind="torch",
+        )
+      )
+      rows.append(
+        Row(
+          "torch Adam(amsgrad, fused)",
+          decay,
+          lambda b, d=decay: TorchAdamRunner(b, d),
+          kind="torch",
+        )
+      )
   return rows
 
 
@@ -350,10 +380,23 @@ def measure(bench: Bench, rows: list[Row], rounds: int, steps: int, log) -> None
     log(f"  {bench.name}: round {r}/{rounds} done, load {os.getloadavg()[0]:.2f}")
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([a-z][\w-]*)\((.*)$")
+_INSTRUCTION = re.compile(
+  r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([a-z][\w-]*)\((.*)$"
+)
 _ARRAY = re.compile(r"(pred|bf16|f16|f32|f64|s8|s32|s64|u8|u32|u64)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "s32": 4, "s64": 8,
-             "u8": 1, "u32": 4, "u64": 8}
+_ITEMSIZE = {
+  "pred": 1,
+  "bf16": 2,
+  "f16": 2,
+  "f32": 4,
+  "f64": 8,
+  "s8": 1,
+  "s32": 4,
+  "s64": 8,
+  "u8": 1,
+  "u32": 4,
+  "u64": 8,
+}
 TRANSCENDENTALS = ("sqrt", "rsqrt", "divide", "power", "exponential", "log")
 
 
@@ -386,11 +429,17 @@ def hlo_summary(text: str) -> dict[str, float]:
     name, shape, opcode, rest = match.groups()
     shapes[name] = shape
     elements = sum(
-        math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(shape)
+      math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(shape)
     )
     if opcode in ops and elements > 1:
       ops[opcode] += elements
-    if in_entry and opcode not in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast"):
+    if in_entry and opcode not in (
+      "parameter",
+      "tuple",
+      "get-tuple-element",
+      "constant",
+      "bitcast",
+    ):
       out = shape_bytes(shape)
       if out:
         kernels += 1
@@ -409,18 +458,21 @@ def power_forms(repeats: int) -> list[tuple[str, float]]:
   x = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.25, 1 << 14).astype(np.float32))
   q = jnp.float32(2 * P)
   forms = {
-      "loop only": lambda v, q: v,
-      "optax amsgrad: 1 / (sqrt(v) + eps)": lambda v, q: 1 / (jnp.sqrt(v) + EPS),
-      "padam p=1/8, p a number: square-root chain": lambda v, q: _power.inverse_power(
-          jnp.sqrt(v) + EPS, 2 * P),
-      "padam p=0.2, p a number: reduced exp/log": lambda v, q: _power.inverse_power(
-          jnp.sqrt(v) + EPS, 0.4),
-      "padam p traced: reduced exp/log": lambda v, q: _power.inverse_power(jnp.sqrt(v) + EPS, q),
-      "jnp.power(sqrt(v) + eps, -2p), p traced": lambda v, q: jnp.power(jnp.sqrt(v) + EPS, -q),
+    "loop only": lambda v, q: v,
+    "optax amsgrad: 1 / (sqrt(v) + eps)": lambda v, q: 1 / (jnp.sqrt(v) + EPS),
+    "padam p=1/8, p a number: square-root chain": lambda v, q: _power.inverse_power(
+      jnp.sqrt(v) + EPS, 2 * P
+    ),
+    "padam p=0.2, p a number: reduced exp/log": lambda v, q: _power.inverse_power(
+      jnp.sqrt(v) + EPS, 0.4
+    ),
+    "padam p traced: reduced exp/log": lambda v, q: _power.inverse_power(jnp.sqrt(v) + EPS, q),
+    "jnp.power(sqrt(v) + eps, -2p), p traced": lambda v, q: jnp.power(jnp.sqrt(v) + EPS, -q),
   }
   iterations = 500
   results = []
   for name, form in forms.items():
+
     def loop(v, q, form=form):
       return jax.lax.fori_loop(0, iterations, lambda i, y: form(y, q) * 0.5 + 0.75, v)
 
@@ -441,37 +493,37 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def render(
-    benches: list[tuple[Bench, list[Row]]],
-    header: dict[str, str],
-    targets_for,
-    forms: list[tuple[str, float]],
+  benches: list[tuple[Bench, list[Row]]],
+  header: dict[str, str],
+  targets_for,
+  forms: list[tuple[str, float]],
 ) -> str:
   out = ["# Optimizer update-step speed", ""]
   out += [f"- {k}: {v}" for k, v in header.items()]
   out += [
-      "",
-      "## Arithmetic of the denominator forms",
-      "",
-      "Nanoseconds per element on one core, the array in cache (a jitted loop over 16,384 "
-      "elements, best of repeats, loop overhead subtracted): the compute each form adds to a "
-      "step when memory bandwidth does not hide it.",
-      "",
-      "| form | ns / element |",
-      "|---|---|",
-      *[f"| {name} | {ns:.2f} |" for name, ns in forms],
-      "",
+    "",
+    "## Arithmetic of the denominator forms",
+    "",
+    "Nanoseconds per element on one core, the array in cache (a jitted loop over 16,384 "
+    "elements, best of repeats, loop overhead subtracted): the compute each form adds to a "
+    "step when memory bandwidth does not hide it.",
+    "",
+    "| form | ns / element |",
+    "|---|---|",
+    *[f"| {name} | {ns:.2f} |" for name, ns in forms],
+    "",
   ]
   for bench, rows in benches:
     med = {(r.name, r.weight_decay): statistics.median(r.times) for r in rows}
     floor = med[("floor (adds only)", 0.0)]
     param_bytes = tree_bytes(bench.params)
     out += [
-        f"## {bench.name}: {bench.size:,} parameters in {len(bench.shapes)} arrays "
-        f"({param_bytes / 1e6:.1f} MB float32)",
-        "",
-        "| optimizer | weight decay | median ms | IQR ms | vs optax amsgrad | vs floor "
-        "| state MB | state / params |",
-        "|---|---|---|---|---|---|---|---|",
+      f"## {bench.name}: {bench.size:,} parameters in {len(bench.shapes)} arrays "
+      f"({param_bytes / 1e6:.1f} MB float32)",
+      "",
+      "| optimizer | weight decay | median ms | IQR ms | vs optax amsgrad | vs floor "
+      "| state MB | state / params |",
+      "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
       base_name = "optax amsgrad" if r.weight_decay == 0 else "optax amsgrad + L2"
@@ -480,25 +532,26 @@ def render(
       state = "-" if r.kind == "floor" else f"{r.state_bytes / 1e6:.1f}"
       ratio = "-" if r.kind == "floor" else f"{r.state_bytes / param_bytes:.3f}"
       out.append(
-          f"| {r.name} | {r.weight_decay:g} | {med[(r.name, r.weight_decay)] * 1e3:.1f} "
-          f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {fmt_ratio(med[(r.name, r.weight_decay)] / base)} "
-          f"| {fmt_ratio(med[(r.name, r.weight_decay)] / floor)} | {state} | {ratio} |"
+        f"| {r.name} | {r.weight_decay:g} | {med[(r.name, r.weight_decay)] * 1e3:.1f} "
+        f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {fmt_ratio(med[(r.name, r.weight_decay)] / base)} "
+        f"| {fmt_ratio(med[(r.name, r.weight_decay)] / floor)} | {state} | {ratio} |"
       )
     floor_row = next(r for r in rows if r.kind == "floor")
     moved = 9 * param_bytes  # reads g, x, m, v, vhat; writes x, m, v, vhat
     out += [
-        "",
-        f"The floor moves {moved / 1e6:.0f} MB (5 arrays read, 4 written) in {floor * 1e3:.1f} ms: "
-        f"{moved / floor / 1e9:.1f} GB/s. Ratios use medians of {len(floor_row.times)} timed "
-        "steps per row; weight-decay rows are compared with `optax amsgrad + L2` "
-        "(`add_decayed_weights` chained before `amsgrad`, the same coupled decay).",
-        "",
-        "Compiled HLO of each JAX step (XLA:CPU): kernels launched, bytes they read and write "
-        "(x the parameter bytes), and elementwise transcendental operations per parameter.",
-        "",
-        "| optimizer | weight decay | kernels | read | written | "
-        + " | ".join(TRANSCENDENTALS) + " |",
-        "|---|---|---|---|---|" + "---|" * len(TRANSCENDENTALS),
+      "",
+      f"The floor moves {moved / 1e6:.0f} MB (5 arrays read, 4 written) in {floor * 1e3:.1f} ms: "
+      f"{moved / floor / 1e9:.1f} GB/s. Ratios use medians of {len(floor_row.times)} timed "
+      "steps per row; weight-decay rows are compared with `optax amsgrad + L2` "
+      "(`add_decayed_weights` chained before `amsgrad`, the same coupled decay).",
+      "",
+      "Compiled HLO of each JAX step (XLA:CPU): kernels launched, bytes they read and write "
+      "(x the parameter bytes), and elementwise transcendental operations per parameter.",
+      "",
+      "| optimizer | weight decay | kernels | read | written | "
+      + " | ".join(TRANSCENDENTALS)
+      + " |",
+      "|---|---|---|---|---|" + "---|" * len(TRANSCENDENTALS),
     ]
     for r in rows:
       if not r.hlo:
@@ -506,8 +559,8 @@ def render(
       s = hlo_summary(r.hlo)
       per = [f"{s[k] / bench.size:.2f}" for k in TRANSCENDENTALS]
       out.append(
-          f"| {r.name} | {r.weight_decay:g} | {s['kernels']} | {s['read'] / param_bytes:.2f}x "
-          f"| {s['written'] / param_bytes:.2f}x | " + " | ".join(per) + " |"
+        f"| {r.name} | {r.weight_decay:g} | {s['kernels']} | {s['read'] / param_bytes:.2f}x "
+        f"| {s['written'] / param_bytes:.2f}x | " + " | ".join(per) + " |"
       )
     out += ["", "Targets:", ""]
     out += [f"- {line}" for line in targets_for(bench, rows, med, floor, param_bytes)]
@@ -525,26 +578,32 @@ def render_rows(benches: list[tuple[Bench, list[Row]]], header: dict[str, str]) 
     base = "optax amsgrad" if "optax amsgrad" in med else first
     param_bytes = tree_bytes(bench.params)
     out += [
-        "",
-        f"## {bench.name}: {bench.size:,} parameters in {len(bench.shapes)} arrays "
-        f"({param_bytes / 1e6:.1f} MB float32)",
-        "",
-        f"| optimizer | weight decay | median ms | IQR ms | vs {first} | vs {base} | scratch MB |",
-        "|---|---|---|---|---|---|---|",
+      "",
+      f"## {bench.name}: {bench.size:,} parameters in {len(bench.shapes)} arrays "
+      f"({param_bytes / 1e6:.1f} MB float32)",
+      "",
+      f"| optimizer | weight decay | median ms | IQR ms | vs {first} | vs {base} | scratch MB |",
+      "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
       q = statistics.quantiles(r.times, n=4)
       out.append(
-          f"| {r.name} | {r.weight_decay:g} | {med[r.name] * 1e3:.1f} "
-          f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {med[r.name] / med[first]:.2f}x "
-          f"| {med[r.name] / med[base]:.2f}x | {r.temp_bytes / 1e6:.1f} |"
+        f"| {r.name} | {r.weight_decay:g} | {med[r.name] * 1e3:.1f} "
+        f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {med[r.name] / med[first]:.2f}x "
+        f"| {med[r.name] / med[base]:.2f}x | {r.temp_bytes / 1e6:.1f} |"
       )
-    out += ["", f"Medians of {len(rows[0].times)} timed steps per row. Scratch: the compiled "
-            "step's temporary buffers (XLA's memory analysis), allocated at every call."]
+    out += [
+      "",
+      f"Medians of {len(rows[0].times)} timed steps per row. Scratch: the compiled "
+      "step's temporary buffers (XLA's memory analysis), allocated at every call.",
+    ]
     if "padam p=1/8" in med and "padam p traced" in med:
       ratio = med["padam p traced"] / med["padam p=1/8"]
-      out += ["", f"- padam p traced vs padam p=1/8: {ratio:.2f}x (target <= 1.05x): "
-              f"{'met' if ratio <= 1.05 else 'MISSED'}"]
+      out += [
+        "",
+        f"- padam p traced vs padam p=1/8: {ratio:.2f}x (target <= 1.05x): "
+        f"{'met' if ratio <= 1.05 else 'MISSED'}",
+      ]
   out.append("")
   return "\n".join(out)
 
@@ -571,29 +630,29 @@ def targets(bench: Bench, rows: list[Row], med, floor: float, param_bytes: int) 
     return "met" if ok else "MISSED"
 
   lines = [
-      f"padam p=1/8 vs optax amsgrad: {padam / amsgrad:.2f}x (target <= 1.0x): "
-      f"{verdict(padam / amsgrad <= 1.0)}",
-      f"padam p=1/8 vs floor: {padam / floor:.2f}x (target <= 1.15x): "
-      f"{verdict(padam / floor <= 1.15)}",
-      f"padam p=1/8 with weight decay vs optax amsgrad + L2: "
-      f"{med[('padam p=1/8', WEIGHT_DECAY)] / med[('optax amsgrad + L2', WEIGHT_DECAY)]:.2f}x",
-      f"padam p traced vs optax amsgrad: {traced / amsgrad:.2f}x (target <= 1.6x): "
-      f"{verdict(traced / amsgrad <= 1.6)}",
+    f"padam p=1/8 vs optax amsgrad: {padam / amsgrad:.2f}x (target <= 1.0x): "
+    f"{verdict(padam / amsgrad <= 1.0)}",
+    f"padam p=1/8 vs floor: {padam / floor:.2f}x (target <= 1.15x): "
+    f"{verdict(padam / floor <= 1.15)}",
+    f"padam p=1/8 with weight decay vs optax amsgrad + L2: "
+    f"{med[('padam p=1/8', WEIGHT_DECAY)] / med[('optax amsgrad + L2', WEIGHT_DECAY)]:.2f}x",
+    f"padam p traced vs optax amsgrad: {traced / amsgrad:.2f}x (target <= 1.6x): "
+    f"{verdict(traced / amsgrad <= 1.6)}",
   ]
   for decay in (0.0, WEIGHT_DECAY):
     key = ("torch Padam (reference rule)", decay)
     if key in med:
       speedup = med[key] / med[("padam p=1/8", decay)]
       lines.append(
-          f"reference-rule torch Padam / padam p=1/8 (weight decay {decay:g}): {speedup:.2f}x "
-          f"faster (target >= 3x): {verdict(speedup >= 3)}"
+        f"reference-rule torch Padam / padam p=1/8 (weight decay {decay:g}): {speedup:.2f}x "
+        f"faster (target >= 3x): {verdict(speedup >= 3)}"
       )
   for r in rows:
     if r.name.startswith("padam") and r.kind == "jax":
       lines.append(
-          f"state of {r.name} (weight decay {r.weight_decay:g}): {r.state_arrays:g} arrays per "
-          f"parameter, {r.state_bytes:,} bytes = {r.state_bytes / param_bytes:.4f} x the "
-          "parameters' bytes (the excess is the step count and injected scalars)"
+        f"state of {r.name} (weight decay {r.weight_decay:g}): {r.state_arrays:g} arrays per "
+        f"parameter, {r.state_bytes:,} bytes = {r.state_bytes / param_bytes:.4f} x the "
+        "parameters' bytes (the excess is the step count and injected scalars)"
       )
   return lines
 
@@ -620,19 +679,30 @@ def torch_rows(no_torch: bool) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.update_speed", description=__doc__.splitlines()[0]
+    prog="python -m benchmarks.update_speed", description=__doc__.splitlines()[0]
   )
   parser.add_argument("--quick", action="store_true", help="tiny trees and few repeats")
   parser.add_argument("--out", default=None, help="markdown file to write (default: stdout only)")
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 2)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
-  parser.add_argument("--no-torch", action="store_true",
-                      help="skip the PyTorch rows (skipped anyway when PyTorch is not installed)")
-  parser.add_argument("--tree", choices=("all", "resnet18", "transformer"), default="all",
-                      help="which parameter tree(s) to time")
-  parser.add_argument("--rows", nargs="+", metavar="NAME", default=None,
-                      help="time only these rows, by name (e.g. \"padam p traced\"), and write "
-                           "a short table of them")
+  parser.add_argument(
+    "--no-torch",
+    action="store_true",
+    help="skip the PyTorch rows (skipped anyway when PyTorch is not installed)",
+  )
+  parser.add_argument(
+    "--tree",
+    choices=("all", "resnet18", "transformer"),
+    default="all",
+    help="which parameter tree(s) to time",
+  )
+  parser.add_argument(
+    "--rows",
+    nargs="+",
+    metavar="NAME",
+    default=None,
+    help='time only these rows, by name (e.g. "padam p traced"), and write a short table of them',
+  )
   args = parser.parse_args(argv)
   rounds = args.rounds or (2 if args.quick else 7)
   with_torch, torch_note = torch_rows(args.no_torch)
@@ -644,14 +714,23 @@ def main(argv: list[str] | None = None) -> None:
     log(torch_note)
   load_start = os.getloadavg()
   if args.quick:
-    trees = [("ResNet-18-shaped (quick: widths /8)", resnet18_shapes(widths=(8, 16, 32, 64))),
-             ("Transformer-shaped (quick: 2 layers, width 64)",
-              transformer_shapes(layers=2, width=64, vocab=512, context=64))]
+    trees = [
+      ("ResNet-18-shaped (quick: widths /8)", resnet18_shapes(widths=(8, 16, 32, 64))),
+      (
+        "Transformer-shaped (quick: 2 layers, width 64)",
+        transformer_shapes(layers=2, width=64, vocab=512, context=64),
+      ),
+    ]
   else:
-    trees = [("ResNet-18-shaped (CIFAR)", resnet18_shapes()),
-             ("Transformer-shaped (12 layers, width 768, vocab 16384)", transformer_shapes())]
-  trees = [t for t, key in zip(trees, ("resnet18", "transformer"), strict=True)
-           if args.tree in ("all", key)]
+    trees = [
+      ("ResNet-18-shaped (CIFAR)", resnet18_shapes()),
+      ("Transformer-shaped (12 layers, width 768, vocab 16384)", transformer_shapes()),
+    ]
+  trees = [
+    t
+    for t, key in zip(trees, ("resnet18", "transformer"), strict=True)
+    if args.tree in ("all", key)
+  ]
   results = []
   for name, shapes in trees:
     log(f"{name}: building")
@@ -669,19 +748,21 @@ def main(argv: list[str] | None = None) -> None:
   load_end = os.getloadavg()
 
   command = shlex.join(["python", *sys.orig_argv[1:]])
-  loads = f"{', '.join(f'{x:.2f}' for x in load_start)} at start, " \
-          f"{', '.join(f'{x:.2f}' for x in load_end)} at end (1, 5, 15 min)"
+  loads = (
+    f"{', '.join(f'{x:.2f}' for x in load_start)} at start, "
+    f"{', '.join(f'{x:.2f}' for x in load_end)} at end (1, 5, 15 min)"
+  )
   if max(load_start[0], load_end[0], load_end[1]) >= LOAD_WARNING:
     loads += f" - above {LOAD_WARNING}: other work shared the CPU, treat ratios as noisy"
   header = {
-      "command": f"`{command}`",
-      "machine": f"{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform} backend",
-      "load average": loads,
-      "versions": f"jax {jax.__version__}, optax {optax.__version__}, padam_jax "
-                  f"{padam_jax.__version__}, {torch_note}",
-      "method": f"{rounds} interleaved rounds x {args.steps} timed steps per row after an untimed "
-                "warm-up round; each visit builds the state, takes one untimed step, then times "
-                "steps (update + apply_updates, parameters and state donated)",
+    "command": f"`{command}`",
+    "machine": f"{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform} backend",
+    "load average": loads,
+    "versions": f"jax {jax.__version__}, optax {optax.__version__}, padam_jax "
+    f"{padam_jax.__version__}, {torch_note}",
+    "method": f"{rounds} interleaved rounds x {args.steps} timed steps per row after an untimed "
+    "warm-up round; each visit builds the state, takes one untimed step, then times "
+    "steps (update + apply_updates, parameters and state donated)",
   }
   text = render_rows(results, header) if args.rows else render(results, header, targets, forms)
   print(text)

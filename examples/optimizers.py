@@ -127,26 +127,27 @@ def step_decay_schedule(learning_rate: float, total_steps: int) -> optax.Schedul
 
 
 def normalized_weight_decay(
-    weight_decay_normalized: float, batch_size: int, train_size: int, epochs: int
+  weight_decay_normalized: float, batch_size: int, train_size: int, epochs: int
 ) -> float:
   """Loshchilov & Hutter's ``lambda_norm * sqrt(batch_size / (train_size * epochs))``."""
   for arg, value in (("batch_size", batch_size), ("train_size", train_size), ("epochs", epochs)):
     if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{arg} must be a positive int for AdamW's normalized weight decay, "
-                       f"got {value!r}")
+      raise ValueError(
+        f"{arg} must be a positive int for AdamW's normalized weight decay, got {value!r}"
+      )
   return weight_decay_normalized * math.sqrt(batch_size / (train_size * epochs))
 
 
 def make_optimizer(
-    name: str,
-    task: str = "cifar10",
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    batch_size: int | None = None,
-    train_size: int | None = None,
-    learning_rate: float | None = None,
-    **overrides: Any,
+  name: str,
+  task: str = "cifar10",
+  *,
+  steps_per_epoch: int,
+  epochs: int,
+  batch_size: int | None = None,
+  train_size: int | None = None,
+  learning_rate: float | None = None,
+  **overrides: Any,
 ) -> OptimizerSetup:
   """Builds optimizer ``name`` with the paper's hyperparameters for ``task``.
 
@@ -171,8 +172,7 @@ def make_optimizer(
   unknown = sorted(set(overrides) - set(hyperparams))
   if unknown:
     valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
-    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; "
-                     f"valid: {valid}")
+    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
   hyperparams.update(overrides)
   if learning_rate is not None:
     hyperparams["learning_rate"] = learning_rate
@@ -185,21 +185,24 @@ def make_optimizer(
 
   if name == "adamw" and hyperparams["weight_decay"] is None:
     if batch_size is None or train_size is None:
-      raise ValueError("adamw needs batch_size and train_size for its normalized weight "
-                       "decay (or pass weight_decay=... directly)")
+      raise ValueError(
+        "adamw needs batch_size and train_size for its normalized weight "
+        "decay (or pass weight_decay=... directly)"
+      )
     hyperparams["weight_decay"] = normalized_weight_decay(
-        hyperparams["weight_decay_normalized"], batch_size, train_size, epochs)
+      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
+    )
 
   tx = REGISTRY[name].build(schedule, dict(hyperparams))
   log = {
-      "optimizer": name,
-      "task": task,
-      **{k: _jsonable(v) for k, v in hyperparams.items()},
-      "schedule": "step_decay",
-      "decay_boundaries": [[b, s] for b, s in sorted(step_decay_boundaries(total_steps).items())],
-      "total_steps": total_steps,
-      "batch_size": batch_size,
-      "train_size": train_size,
+    "optimizer": name,
+    "task": task,
+    **{k: _jsonable(v) for k, v in hyperparams.items()},
+    "schedule": "step_decay",
+    "decay_boundaries": [[b, s] for b, s in sorted(step_decay_boundaries(total_steps).items())],
+    "total_steps": total_steps,
+    "batch_size": batch_size,
+    "train_size": train_size,
   }
   return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
 
@@ -230,14 +233,20 @@ def _adam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformatio
 
 
 def _amsgrad(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-  return padam_jax.padam(lr, p=0.5, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                         weight_decay=hp["weight_decay"])
+  return padam_jax.padam(
+    lr, p=0.5, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+  )
 
 
 def _adamw(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   # optax.adamw decays by lr_t * wd; dividing by lr_0 makes it (lr_t / lr_0) * lambda.
-  return optax.adamw(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                     weight_decay=hp["weight_decay"] / hp["learning_rate"])
+  return optax.adamw(
+    lr,
+    b1=hp["b1"],
+    b2=hp["b2"],
+    eps=hp["eps"],
+    weight_decay=hp["weight_decay"] / hp["learning_rate"],
+  )
 
 
 def _yogi(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
@@ -246,20 +255,30 @@ def _yogi(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformatio
 
 def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
   def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-    return getattr(padam_jax, attr)(lr, final_lr=hp["final_lr"], b1=hp["b1"], b2=hp["b2"],
-                          eps=hp["eps"], gamma=hp["gamma"], weight_decay=hp["weight_decay"])
+    return getattr(padam_jax, attr)(
+      lr,
+      final_lr=hp["final_lr"],
+      b1=hp["b1"],
+      b2=hp["b2"],
+      eps=hp["eps"],
+      gamma=hp["gamma"],
+      weight_decay=hp["weight_decay"],
+    )
+
   return build
 
 
 def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-  return padam_jax.padam(lr, p=hp["p"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                         weight_decay=hp["weight_decay"])
+  return padam_jax.padam(
+    lr, p=hp["p"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+  )
 
 
 def _family(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
   def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
     kwargs = {k: v for k, v in hp.items() if k != "learning_rate"}
     return getattr(padam_jax, attr)(lr, **kwargs)
+
   return build
 
 
@@ -299,8 +318,13 @@ _PADAM_LR = _tasks(0.1, 0.01, 1.0)
 _PADAM_P = _tasks(0.125, 0.4, 0.2)
 _L2 = _tasks(5e-4, 0.0, 0.0)
 _ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
-_BOUND = {"learning_rate": 1e-3, "final_lr": _tasks(0.1, 10.0, 100.0), **_ADAM, "gamma": 1e-3,
-          "weight_decay": _L2}
+_BOUND = {
+  "learning_rate": 1e-3,
+  "final_lr": _tasks(0.1, 10.0, 100.0),
+  **_ADAM,
+  "gamma": 1e-3,
+  "weight_decay": _L2,
+}
 _PARTIAL_ADAM = {"learning_rate": _PADAM_LR, "p": _PADAM_P, **_ADAM, "weight_decay": _L2}
 
 # The registry: name -> builder and default hyperparameters. Its order is NAMES's: the paper's seven,
@@ -308,42 +332,76 @@ _PARTIAL_ADAM = {"learning_rate": _PADAM_LR, "p": _PADAM_P, **_ADAM, "weight_dec
 REGISTRY: dict[str, Entry] = {
   "sgdm": Entry(
     _sgdm,
-    {"learning_rate": _tasks(0.1, 1.0, 10.0), "momentum": 0.9, "nesterov": False,
-     "weight_decay": _L2},
+    {
+      "learning_rate": _tasks(0.1, 1.0, 10.0),
+      "momentum": 0.9,
+      "nesterov": False,
+      "weight_decay": _L2,
+    },
   ),
   "adam": Entry(
     _adam,
-    {"learning_rate": 1e-3, "b1": 0.9, "b2": _tasks(0.99, 0.999, 0.999), "eps": 1e-8,
-     "weight_decay": _L2},
+    {
+      "learning_rate": 1e-3,
+      "b1": 0.9,
+      "b2": _tasks(0.99, 0.999, 0.999),
+      "eps": 1e-8,
+      "weight_decay": _L2,
+    },
   ),
   "amsgrad": Entry(
     _amsgrad,
-    {"learning_rate": 1e-3, "b1": 0.9, "b2": _tasks(0.99, 0.999, 0.999), "eps": 1e-8,
-     "weight_decay": _L2},
+    {
+      "learning_rate": 1e-3,
+      "b1": 0.9,
+      "b2": _tasks(0.99, 0.999, 0.999),
+      "eps": 1e-8,
+      "weight_decay": _L2,
+    },
   ),
   "adamw": Entry(
     _adamw,
-    {"learning_rate": 1e-3, **_ADAM, "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4),
-     "weight_decay": None},
+    {
+      "learning_rate": 1e-3,
+      **_ADAM,
+      "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4),
+      "weight_decay": None,
+    },
   ),
   "yogi": Entry(
     _yogi,
-    {"learning_rate": _tasks(1e-3, 0.01, 0.1), "b1": 0.9, "b2": 0.999, "eps": 1e-3,
-     "weight_decay": _L2},
+    {
+      "learning_rate": _tasks(1e-3, 0.01, 0.1),
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-3,
+      "weight_decay": _L2,
+    },
   ),
   "adabound": Entry(_bound("adabound"), _BOUND),
   "padam": Entry(_padam, _PARTIAL_ADAM),
   "partial_adam": Entry(_family("partial_adam"), _PARTIAL_ADAM, group="family"),
   "partial_rmsprop": Entry(
     _family("partial_rmsprop"),
-    {"learning_rate": PerTask({t: lr * (1 - 0.9) for t, lr in _PADAM_LR.items()}), "p": _PADAM_P,
-     "decay": 0.999, "eps": 1e-8, "momentum": 0.9, "weight_decay": _L2},
+    {
+      "learning_rate": PerTask({t: lr * (1 - 0.9) for t, lr in _PADAM_LR.items()}),
+      "p": _PADAM_P,
+      "decay": 0.999,
+      "eps": 1e-8,
+      "momentum": 0.9,
+      "weight_decay": _L2,
+    },
     group="family",
   ),
   "partial_adagrad": Entry(
     _family("partial_adagrad"),
-    {"learning_rate": _PADAM_LR, "p": _PADAM_P, "initial_accumulator_value": 0.0,
-     "eps": 1e-10, "weight_decay": _L2},
+    {
+      "learning_rate": _PADAM_LR,
+      "p": _PADAM_P,
+      "initial_accumulator_value": 0.0,
+      "eps": 1e-10,
+      "weight_decay": _L2,
+    },
     group="family",
   ),
   "partial_adamax": Entry(_family("partial_adamax"), _PARTIAL_ADAM, group="family"),

@@ -33,7 +33,9 @@ def _label(workdir: str) -> str:
     return pathlib.Path(workdir).name
 
 
-def _curves(workdirs: Sequence[str]) -> tuple[list[float], list[list[float]], list[list[float]], str]:
+def _curves(
+  workdirs: Sequence[str],
+) -> tuple[list[float], list[list[float]], list[list[float]], str]:
   """Epochs, train losses and test errors (or perplexities) per run, over the epochs all runs have."""
   histories = [metrics.read_metrics(w) for w in workdirs]
   length = min(len(h) for h in histories)
@@ -84,15 +86,27 @@ def plot(
   for group, label in zip(groups, labels, strict=True):
     epochs, train, test, right_key = _curves([str(w) for w in group])
     for axis, values in ((left, np.asarray(train)), (right, np.asarray(test))):
-      (line,) = axis.plot(epochs, values.mean(axis=0), marker="." if len(epochs) <= 60 else None,
-                          label=label if len(group) == 1 else f"{label} (mean of {len(group)})")
+      (line,) = axis.plot(
+        epochs,
+        values.mean(axis=0),
+        marker="." if len(epochs) <= 60 else None,
+        label=label if len(group) == 1 else f"{label} (mean of {len(group)})",
+      )
       if len(group) > 1:
-        axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(),
-                          alpha=0.2, linewidth=0)
+        axis.fill_between(
+          epochs,
+          values.min(axis=0),
+          values.max(axis=0),
+          color=line.get_color(),
+          alpha=0.2,
+          linewidth=0,
+        )
   left.set(xlabel="epoch", ylabel="train loss", yscale="log")
   # Plain numbers on the log axis ("5.4", not "5.4 x 10^0"), minor ticks labelled on short ranges.
   left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-  left.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+  left.yaxis.set_minor_formatter(
+    ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4))
+  )
   right.set(xlabel="epoch", ylabel=right_key)
   for axis in (left, right):
     axis.grid(alpha=0.3)

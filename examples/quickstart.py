@@ -54,23 +54,27 @@ class MLP(nnx.Module):
 
 # Table label -> registry name; each takes the registry's CIFAR-10 hyperparameters.
 OPTIMIZERS = {
-    "SGD-momentum": "sgdm",
-    "Adam": "adam",
-    "AMSGrad": "amsgrad",
-    "Padam (p=1/8)": "padam",
+  "SGD-momentum": "sgdm",
+  "Adam": "adam",
+  "AMSGrad": "amsgrad",
+  "Padam (p=1/8)": "padam",
 }
 
 
 def optimizers(
-    steps_per_epoch: int, epochs: int, train_size: int
+  steps_per_epoch: int, epochs: int, train_size: int
 ) -> dict[str, optax.GradientTransformation]:
   """The four optimizers from the registry: the paper's CIFAR-10 hyperparameters and step decay."""
   return {
-      label: registry.make_optimizer(
-          name, "cifar10", steps_per_epoch=steps_per_epoch, epochs=epochs, batch_size=BATCH,
-          train_size=train_size,
-      ).tx
-      for label, name in OPTIMIZERS.items()
+    label: registry.make_optimizer(
+      name,
+      "cifar10",
+      steps_per_epoch=steps_per_epoch,
+      epochs=epochs,
+      batch_size=BATCH,
+      train_size=train_size,
+    ).tx
+    for label, name in OPTIMIZERS.items()
   }
 
 
@@ -149,24 +153,32 @@ def machine() -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-      prog="python -m examples.quickstart", description=__doc__.splitlines()[0]
+    prog="python -m examples.quickstart", description=__doc__.splitlines()[0]
   )
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("quickstart_out"),
-                      help="folder for results.md and curves.png (default: quickstart_out)")
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path("quickstart_out"),
+    help="folder for results.md and curves.png (default: quickstart_out)",
+  )
   parser.add_argument("--epochs", type=int, default=60, help="epochs per optimizer (default: 60)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the initialisation and the batch order (default: 0)")
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="seed of the initialisation and the batch order (default: 0)",
+  )
   args = parser.parse_args(argv)
   if args.epochs < 1:
     parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
   digits = load_digits()
   x_train, x_test, y_train, y_test = train_test_split(
-      (digits.data / 16.0).astype(np.float32),
-      digits.target.astype(np.int32),
-      test_size=0.2,
-      random_state=0,
-      stratify=digits.target,
+    (digits.data / 16.0).astype(np.float32),
+    digits.target.astype(np.int32),
+    test_size=0.2,
+    random_state=0,
+    stratify=digits.target,
   )
   data = tuple(jnp.asarray(a) for a in (x_train, y_train, x_test, y_test))
   steps_per_epoch = len(x_train) // BATCH
@@ -179,28 +191,26 @@ def main(argv=None) -> None:
     histories[name] = history = train(tx, data, args.epochs, args.seed)
     seconds = time.perf_counter() - start
     rows.append(
-        f"| {name} | {history['train_loss'][quarter - 1]:.4f} | {history['train_loss'][-1]:.4f} "
-        f"| {history['test_acc'][-1]:.4f} | {seconds:.1f} |"
+      f"| {name} | {history['train_loss'][quarter - 1]:.4f} | {history['train_loss'][-1]:.4f} "
+      f"| {history['test_acc'][-1]:.4f} | {seconds:.1f} |"
     )
     print(rows[-1], flush=True)
 
   table = "\n".join(
-      [
-          f"| optimizer | train loss, epoch {quarter} | final train loss "
-          f"| final test accuracy | seconds |",
-          "|---|---|---|---|---|",
-          *rows,
-      ]
+    [
+      f"| optimizer | train loss, epoch {quarter} | final train loss "
+      f"| final test accuracy | seconds |",
+      "|---|---|---|---|---|",
+      *rows,
+    ]
   )
   args.out.mkdir(parents=True, exist_ok=True)
-  command = "python -m examples.quickstart " + " ".join(
-      f"--{k} {v}" for k, v in vars(args).items()
-  )
+  command = "python -m examples.quickstart " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
   (args.out / "results.md").write_text(
-      f"Command: `{command}`\n\n{len(x_train)} training and {len(x_test)} test images, batch "
-      f"{BATCH}, {args.epochs} epochs ({steps} steps), seed {args.seed}, "
-      f"jax {jax.__version__} on {jax.devices()[0].platform}.\n\nMachine: {machine()}.\n\n"
-      f"{table}\n"
+    f"Command: `{command}`\n\n{len(x_train)} training and {len(x_test)} test images, batch "
+    f"{BATCH}, {args.epochs} epochs ({steps} steps), seed {args.seed}, "
+    f"jax {jax.__version__} on {jax.devices()[0].platform}.\n\nMachine: {machine()}.\n\n"
+    f"{table}\n"
   )
   plot(histories, args.out / "curves.png")
   print(f"\n{table}\n\nwrote {args.out / 'results.md'} and {args.out / 'curves.png'}")

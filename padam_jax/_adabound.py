@@ -30,15 +30,15 @@ class ScaleByAdaboundState(NamedTuple):
 
 
 def scale_by_adabound(
-    learning_rate: ScalarOrSchedule = 1e-3,
-    final_lr: jax.typing.ArrayLike = 0.1,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    gamma: jax.typing.ArrayLike = 1e-3,
-    *,
-    amsbound: bool = False,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 1e-3,
+  final_lr: jax.typing.ArrayLike = 0.1,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  gamma: jax.typing.ArrayLike = 1e-3,
+  *,
+  amsbound: bool = False,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by AdaBound's clipped per-coordinate step (learning rate included).
 
@@ -97,21 +97,24 @@ def scale_by_adabound(
   _validation.check_interval("final_lr", final_lr, 0.0)
   _validation.check_interval("gamma", gamma, 0.0, low_open=True)
   _validation.check_interval(
-      "learning_rate", learning_rate, 0.0, low_open=True,
-      description="the bounds are scaled by learning_rate / its initial value",
+    "learning_rate",
+    learning_rate,
+    0.0,
+    low_open=True,
+    description="the bounds are scaled by learning_rate / its initial value",
   )
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params: optax.Params) -> ScaleByAdaboundState:
     return ScaleByAdaboundState(
-        count=jnp.zeros([], jnp.int32),
-        **_adam_like.init_moments(params, mu_dtype, running_max=amsbound),
+      count=jnp.zeros([], jnp.int32),
+      **_adam_like.init_moments(params, mu_dtype, running_max=amsbound),
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: ScaleByAdaboundState,
-      params: optax.Params | None = None,
+    updates: optax.Updates,
+    state: ScaleByAdaboundState,
+    params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByAdaboundState]:
     del params
     count_inc = optax.safe_increment(state.count)
@@ -125,7 +128,7 @@ def scale_by_adabound(
     step_size = lr * _common.bias_correction_factor(b1, b2, count_inc)
 
     moments, denominators = _adam_like.update_moments(
-        _adam_like.ADAM, b1, b2, eps, updates, state, running_max=amsbound
+      _adam_like.ADAM, b1, b2, eps, updates, state, running_max=amsbound
     )
 
     def step(m, v):
@@ -142,17 +145,17 @@ def scale_by_adabound(
 
 
 def adabound(
-    learning_rate: ScalarOrSchedule = 1e-3,
-    final_lr: jax.typing.ArrayLike = 0.1,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    gamma: jax.typing.ArrayLike = 1e-3,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    amsbound: bool = False,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 1e-3,
+  final_lr: jax.typing.ArrayLike = 0.1,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  gamma: jax.typing.ArrayLike = 1e-3,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  amsbound: bool = False,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""AdaBound (Luo et al., 2019), as in the authors' reference code.
 
@@ -203,25 +206,25 @@ def adabound(
   """
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
-      _common.add_decayed_weights(weight_decay, mask),
-      scale_by_adabound(
-          learning_rate, final_lr, b1, b2, eps, gamma, amsbound=amsbound, mu_dtype=mu_dtype
-      ),
-      optax.scale(-1.0),
+    _common.add_decayed_weights(weight_decay, mask),
+    scale_by_adabound(
+      learning_rate, final_lr, b1, b2, eps, gamma, amsbound=amsbound, mu_dtype=mu_dtype
+    ),
+    optax.scale(-1.0),
   )
 
 
 def amsbound(
-    learning_rate: ScalarOrSchedule = 1e-3,
-    final_lr: jax.typing.ArrayLike = 0.1,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    gamma: jax.typing.ArrayLike = 1e-3,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 1e-3,
+  final_lr: jax.typing.ArrayLike = 0.1,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  gamma: jax.typing.ArrayLike = 1e-3,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""AMSBound: :func:`adabound` with the running maximum of the raw second moment.
 
@@ -256,6 +259,14 @@ def amsbound(
     Learning Rate <https://openreview.net/forum?id=Bkg3g2R9FX>`_, ICLR 2019.
   """
   return adabound(
-      learning_rate, final_lr, b1, b2, eps, gamma, weight_decay,
-      mask=mask, amsbound=True, mu_dtype=mu_dtype,
+    learning_rate,
+    final_lr,
+    b1,
+    b2,
+    eps,
+    gamma,
+    weight_decay,
+    mask=mask,
+    amsbound=True,
+    mu_dtype=mu_dtype,
   )

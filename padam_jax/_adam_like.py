@@ -41,7 +41,7 @@ def _adam_denominator(eps: jax.typing.ArrayLike, v: jax.Array) -> jax.Array:
 
 
 def _infinity_norm(
-    b2: jax.typing.ArrayLike, eps: jax.typing.ArrayLike, g: jax.Array, u: jax.Array
+  b2: jax.typing.ArrayLike, eps: jax.typing.ArrayLike, g: jax.Array, u: jax.Array
 ) -> jax.Array:
   magnitude = jnp.abs(_common.like_moment(g, u.dtype)).astype(u.dtype)  # real for complex g
   return jnp.maximum(jnp.asarray(b2, u.dtype) * u, magnitude + jnp.asarray(eps, u.dtype))
@@ -54,25 +54,25 @@ def _first_moment_correction(b1: Any, b2: Any, count: jax.Array) -> jax.Array:
 
 # Adam's ``v_t = b2 v + (1 - b2) g^2``, ``sqrt(v) + eps``, ``sqrt(1 - b2^t) / (1 - b1^t)``.
 ADAM = SecondMoment(
-    update=lambda b2, eps, g, v: _common.ema(b2, g, v, 2),
-    denominator=_adam_denominator,
-    correction=_common.bias_correction_factor,
+  update=lambda b2, eps, g, v: _common.ema(b2, g, v, 2),
+  denominator=_adam_denominator,
+  correction=_common.bias_correction_factor,
 )
 # AdaMax's ``u_t = max(b2 u, |g| + eps)``, ``u`` itself, ``1 / (1 - b1^t)``.
 ADAMAX = SecondMoment(
-    update=_infinity_norm,
-    denominator=lambda eps, u: u,
-    correction=_first_moment_correction,
+  update=_infinity_norm,
+  denominator=lambda eps, u: u,
+  correction=_first_moment_correction,
 )
 
 
 def init_moments(
-    params: optax.Params, mu_dtype: jnp.dtype | None, *, running_max: bool
+  params: optax.Params, mu_dtype: jnp.dtype | None, *, running_max: bool
 ) -> dict[str, optax.Updates]:
   """Zero moments ``mu``, ``nu`` and, with ``running_max``, ``nu_max`` (real, of ``|g|``)."""
   moments = {
-      "mu": _common.zeros_moment(params, mu_dtype),
-      "nu": _common.zeros_moment(params, real=True),
+    "mu": _common.zeros_moment(params, mu_dtype),
+    "nu": _common.zeros_moment(params, real=True),
   }
   if running_max:
     moments["nu_max"] = _common.zeros_moment(params, real=True)
@@ -80,14 +80,14 @@ def init_moments(
 
 
 def update_moments(
-    rule: SecondMoment,
-    b1: jax.typing.ArrayLike,
-    b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    updates: optax.Updates,
-    state: Any,
-    *,
-    running_max: bool,
+  rule: SecondMoment,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  updates: optax.Updates,
+  state: Any,
+  *,
+  running_max: bool,
 ) -> tuple[dict[str, optax.Updates], optax.Updates]:
   """The new moments (in the gradients' dtype) and the statistic the step divides by.
 
@@ -105,20 +105,22 @@ def update_moments(
 
 def cast_moments(moments: dict[str, optax.Updates], state: Any) -> dict[str, optax.Updates]:
   """``moments`` cast to the dtypes of the same fields of ``state`` (``mu_dtype``)."""
-  return {name: optax.tree.cast_like(value, getattr(state, name)) for name, value in moments.items()}
+  return {
+    name: optax.tree.cast_like(value, getattr(state, name)) for name, value in moments.items()
+  }
 
 
 def scale_by_partial_moments(
-    rule: SecondMoment,
-    state_type: type[NamedTuple],
-    p: ScalarOrSchedule,
-    b1: jax.typing.ArrayLike,
-    b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    *,
-    running_max: bool,
-    bias_correction: bool,
-    mu_dtype: jax.typing.DTypeLike | None,
+  rule: SecondMoment,
+  state_type: type[NamedTuple],
+  p: ScalarOrSchedule,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  *,
+  running_max: bool,
+  bias_correction: bool,
+  mu_dtype: jax.typing.DTypeLike | None,
 ) -> optax.GradientTransformation:
   """``u_t = c_t m_t / d(v_t)^(2p)`` for an Adam-like ``rule``.
 
@@ -144,20 +146,18 @@ def scale_by_partial_moments(
 
   def init_fn(params: optax.Params) -> Any:
     return state_type(
-        count=jnp.zeros([], jnp.int32),
-        **init_moments(params, mu_dtype, running_max=running_max),
+      count=jnp.zeros([], jnp.int32),
+      **init_moments(params, mu_dtype, running_max=running_max),
     )
 
   def update_fn(
-      updates: optax.Updates, state: Any, params: optax.Params | None = None
+    updates: optax.Updates, state: Any, params: optax.Params | None = None
   ) -> tuple[optax.Updates, Any]:
     del params
     count_inc = optax.safe_increment(state.count)
     two_p = _common.partial_exponent(p, state.count)
     scale = rule.correction(b1, b2, count_inc) if bias_correction else None
-    moments, statistic = update_moments(
-        rule, b1, b2, eps, updates, state, running_max=running_max
-    )
+    moments, statistic = update_moments(rule, b1, b2, eps, updates, state, running_max=running_max)
 
     def step(m, v):
       # d = 0 only where every gradient was 0, so m = 0 too: no step there. The guard

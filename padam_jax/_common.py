@@ -61,7 +61,7 @@ def one_minus_power(decay: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
 
 
 def bias_correction_factor(
-    b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
+  b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, count: jax.Array
 ) -> jax.Array:
   """Adam's ``sqrt(1 - b2^t) / (1 - b1^t)`` in float32, for ``t = count >= 1``."""
   t = count.astype(jnp.float32)
@@ -93,7 +93,7 @@ def like_moment(g: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def zeros_moment(
-    params: optax.Params, dtype: jax.typing.DTypeLike | None = None, *, real: bool = False
+  params: optax.Params, dtype: jax.typing.DTypeLike | None = None, *, real: bool = False
 ) -> optax.Params:
   """Zeros shaped like ``params`` in ``dtype`` or in each leaf's :func:`float_dtype`
   (:func:`real_dtype` with ``real``, for the moments of ``|g|^2``)."""
@@ -135,11 +135,11 @@ def ema(decay: jax.typing.ArrayLike, g: jax.Array, old: jax.Array, order: int) -
 
 
 def partial_divide(
-    numerator: jax.Array,
-    denominator: jax.Array,
-    two_p: jax.typing.ArrayLike,
-    *,
-    guard_zero: bool,
+  numerator: jax.Array,
+  denominator: jax.Array,
+  two_p: jax.typing.ArrayLike,
+  *,
+  guard_zero: bool,
 ) -> jax.Array:
   """``numerator / denominator ** two_p`` through :func:`padam_jax._power.inverse_power`.
 
@@ -160,9 +160,7 @@ def partial_divide(
   return out
 
 
-def add_decayed_weights(
-    weight_decay: ScalarOrSchedule, mask: Any
-) -> optax.GradientTransformation:
+def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: Any) -> optax.GradientTransformation:
   """``optax.add_decayed_weights`` that asks for ``params`` only when it decays.
 
   With ``weight_decay`` a concrete 0, ``update(updates, state)`` without ``params``
@@ -174,41 +172,41 @@ def add_decayed_weights(
   no_decay = _validation.concrete_float(weight_decay) == 0.0
 
   def update_fn(
-      updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, optax.OptState]:
     if params is not None:
       return inner.update(updates, state, params)
     if no_decay:
       return updates, state
     raise ValueError(
-        f"weight_decay={weight_decay!r} needs the parameters: call update(updates, state, params)"
+      f"weight_decay={weight_decay!r} needs the parameters: call update(updates, state, params)"
     )
 
   return optax.GradientTransformation(inner.init, update_fn)
 
 
 def coupled_l2(
-    scale: optax.GradientTransformation,
-    learning_rate: ScalarOrSchedule,
-    weight_decay: jax.typing.ArrayLike,
-    mask: Any,
+  scale: optax.GradientTransformation,
+  learning_rate: ScalarOrSchedule,
+  weight_decay: jax.typing.ArrayLike,
+  mask: Any,
 ) -> optax.GradientTransformation:
   """The aliases' chain: coupled L2 (added to the gradient, as the reference code does), the
   rule's rescaling, then the learning rate. Checks ``weight_decay >= 0``."""
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
-      add_decayed_weights(weight_decay, mask),
-      scale,
-      optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights(weight_decay, mask),
+    scale,
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def scale_by_partial_accumulator(
-    state_type: type[NamedTuple],
-    p: ScalarOrSchedule,
-    eps: jax.typing.ArrayLike,
-    initial_value: jax.typing.ArrayLike,
-    accumulate: Callable[[jax.Array, jax.Array], jax.Array],
+  state_type: type[NamedTuple],
+  p: ScalarOrSchedule,
+  eps: jax.typing.ArrayLike,
+  initial_value: jax.typing.ArrayLike,
+  accumulate: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> optax.GradientTransformation:
   """``u_t = g_t / (sqrt(s_t) + eps)^(2p)`` for a running accumulator ``s_t`` of squares.
 
@@ -227,12 +225,12 @@ def scale_by_partial_accumulator(
 
   def init_fn(params: optax.Params) -> NamedTuple:
     initial = jax.tree.map(
-        lambda x: jnp.full_like(x, initial_value, dtype=real_dtype(x.dtype)), params
+      lambda x: jnp.full_like(x, initial_value, dtype=real_dtype(x.dtype)), params
     )
     return state_type(jnp.zeros([], jnp.int32), initial)
 
   def update_fn(
-      updates: optax.Updates, state: NamedTuple, params: optax.Params | None = None
+    updates: optax.Updates, state: NamedTuple, params: optax.Params | None = None
   ) -> tuple[optax.Updates, NamedTuple]:
     del params
     count, accumulator = state

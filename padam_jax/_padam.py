@@ -29,13 +29,13 @@ class ScaleByPartialAmsgradState(NamedTuple):
 
 
 def scale_by_partial_amsgrad(
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Padam's partially adaptive AMSGrad rule.
 
@@ -102,22 +102,29 @@ def scale_by_partial_amsgrad(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Algorithm 1).
   """
   return _adam_like.scale_by_partial_moments(
-      _adam_like.ADAM, ScaleByPartialAmsgradState, p, b1, b2, eps,
-      running_max=True, bias_correction=bias_correction, mu_dtype=mu_dtype,
+    _adam_like.ADAM,
+    ScaleByPartialAmsgradState,
+    p,
+    b1,
+    b2,
+    eps,
+    running_max=True,
+    bias_correction=bias_correction,
+    mu_dtype=mu_dtype,
   )
 
 
 def padam(
-    learning_rate: ScalarOrSchedule = 0.1,
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 0.1,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Padam, the partially adaptive momentum estimation method.
 
@@ -176,6 +183,8 @@ def padam(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
   """
   return _common.coupled_l2(
-      scale_by_partial_amsgrad(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
-      learning_rate, weight_decay, mask,
+    scale_by_partial_amsgrad(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    learning_rate,
+    weight_decay,
+    mask,
   )

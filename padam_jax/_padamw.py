@@ -13,16 +13,16 @@ from padam_jax._common import ScalarOrSchedule
 
 
 def padamw(
-    learning_rate: ScalarOrSchedule = 0.1,
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: ScalarOrSchedule = 1e-4,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 0.1,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: ScalarOrSchedule = 1e-4,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Padam with decoupled, learning-rate-scaled weight decay.
 
@@ -75,9 +75,9 @@ def padamw(
   """
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
-      _padam.scale_by_partial_amsgrad(
-          p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
-      ),
-      _common.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    _padam.scale_by_partial_amsgrad(
+      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
+    ),
+    _common.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

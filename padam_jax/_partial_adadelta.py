@@ -28,9 +28,9 @@ class ScaleByPartialAdadeltaState(NamedTuple):
 
 
 def scale_by_partial_adadelta(
-    p: ScalarOrSchedule = 0.125,
-    rho: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-6,
+  p: ScalarOrSchedule = 0.125,
+  rho: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-6,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adadelta's ratio of root mean squares to a partial power.
 
@@ -78,20 +78,20 @@ def scale_by_partial_adadelta(
   _validation.check_partial_power(p)
   _validation.check_interval("rho", rho, 0.0, 1.0, high_open=True)
   _validation.check_interval(
-      "eps", eps, 0.0, low_open=True, description="Adadelta's first step is sqrt(eps) * ..."
+    "eps", eps, 0.0, low_open=True, description="Adadelta's first step is sqrt(eps) * ..."
   )
 
   def init_fn(params: optax.Params) -> ScaleByPartialAdadeltaState:
     return ScaleByPartialAdadeltaState(
-        count=jnp.zeros([], jnp.int32),
-        e_g=_common.zeros_moment(params, real=True),
-        e_x=_common.zeros_moment(params, real=True),
+      count=jnp.zeros([], jnp.int32),
+      e_g=_common.zeros_moment(params, real=True),
+      e_x=_common.zeros_moment(params, real=True),
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: ScaleByPartialAdadeltaState,
-      params: optax.Params | None = None,
+    updates: optax.Updates,
+    state: ScaleByPartialAdadeltaState,
+    params: optax.Params | None = None,
   ) -> tuple[optax.Updates, ScaleByPartialAdadeltaState]:
     del params
     two_p = _common.partial_exponent(p, state.count)
@@ -101,26 +101,26 @@ def scale_by_partial_adadelta(
       e = jnp.asarray(eps, cur_e_g.dtype)
       ratio = jnp.sqrt(cur_e_g + e) / jnp.sqrt(prev_e_x + e)  # > 0 since eps > 0
       return _common.partial_divide(
-          _common.like_moment(g, cur_e_g.dtype), ratio, two_p, guard_zero=False
+        _common.like_moment(g, cur_e_g.dtype), ratio, two_p, guard_zero=False
       )
 
     steps = jax.tree.map(step, updates, e_g, state.e_x)
     e_x = jax.tree.map(lambda u, s: _common.ema(rho, u, s, 2), steps, state.e_x)
     return steps, ScaleByPartialAdadeltaState(
-        count=optax.safe_increment(state.count), e_g=e_g, e_x=e_x
+      count=optax.safe_increment(state.count), e_g=e_g, e_x=e_x
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def partial_adadelta(
-    learning_rate: ScalarOrSchedule = 1.0,
-    p: ScalarOrSchedule = 0.125,
-    rho: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-6,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+  learning_rate: ScalarOrSchedule = 1.0,
+  p: ScalarOrSchedule = 0.125,
+  rho: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adadelta.
 
@@ -158,6 +158,8 @@ def partial_adadelta(
     <https://arxiv.org/abs/1212.5701>`_, 2012.
   """
   return _common.coupled_l2(
-      scale_by_partial_adadelta(p, rho, eps),
-      learning_rate, weight_decay, mask,
+    scale_by_partial_adadelta(p, rho, eps),
+    learning_rate,
+    weight_decay,
+    mask,
   )

@@ -25,9 +25,9 @@ class ScaleByPartialRssState(NamedTuple):
 
 
 def scale_by_partial_rss(
-    p: ScalarOrSchedule = 0.125,
-    initial_accumulator_value: jax.typing.ArrayLike = 0.0,
-    eps: jax.typing.ArrayLike = 1e-10,
+  p: ScalarOrSchedule = 0.125,
+  initial_accumulator_value: jax.typing.ArrayLike = 0.0,
+  eps: jax.typing.ArrayLike = 1e-10,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root of the sum of squared gradients to a partial power.
 
@@ -70,7 +70,7 @@ def scale_by_partial_rss(
   _validation.check_interval("initial_accumulator_value", initial_accumulator_value, 0.0)
   _validation.check_interval("eps", eps, 0.0)
   return _common.scale_by_partial_accumulator(
-      ScaleByPartialRssState, p, eps, initial_accumulator_value, _sum_of_squares
+    ScaleByPartialRssState, p, eps, initial_accumulator_value, _sum_of_squares
   )
 
 
@@ -79,13 +79,13 @@ def _sum_of_squares(g: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def partial_adagrad(
-    learning_rate: ScalarOrSchedule = 0.1,
-    p: ScalarOrSchedule = 0.125,
-    initial_accumulator_value: jax.typing.ArrayLike = 0.0,
-    eps: jax.typing.ArrayLike = 1e-10,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+  learning_rate: ScalarOrSchedule = 0.1,
+  p: ScalarOrSchedule = 0.125,
+  initial_accumulator_value: jax.typing.ArrayLike = 0.0,
+  eps: jax.typing.ArrayLike = 1e-10,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adagrad.
 
@@ -129,6 +129,8 @@ def partial_adagrad(
     Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
   """
   return _common.coupled_l2(
-      scale_by_partial_rss(p, initial_accumulator_value, eps),
-      learning_rate, weight_decay, mask,
+    scale_by_partial_rss(p, initial_accumulator_value, eps),
+    learning_rate,
+    weight_decay,
+    mask,
   )

@@ -27,13 +27,13 @@ class ScaleByPartialAdamState(NamedTuple):
 
 
 def scale_by_partial_adam(
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's rule with the denominator to a partial power.
 
@@ -80,22 +80,29 @@ def scale_by_partial_adam(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
   """
   return _adam_like.scale_by_partial_moments(
-      _adam_like.ADAM, ScaleByPartialAdamState, p, b1, b2, eps,
-      running_max=False, bias_correction=bias_correction, mu_dtype=mu_dtype,
+    _adam_like.ADAM,
+    ScaleByPartialAdamState,
+    p,
+    b1,
+    b2,
+    eps,
+    running_max=False,
+    bias_correction=bias_correction,
+    mu_dtype=mu_dtype,
   )
 
 
 def partial_adam(
-    learning_rate: ScalarOrSchedule = 0.1,
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 0.1,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adam: Padam without the AMSGrad maximum.
 
@@ -143,6 +150,8 @@ def partial_adam(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
   """
   return _common.coupled_l2(
-      scale_by_partial_adam(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
-      learning_rate, weight_decay, mask,
+    scale_by_partial_adam(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    learning_rate,
+    weight_decay,
+    mask,
   )

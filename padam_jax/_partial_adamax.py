@@ -27,13 +27,13 @@ class ScaleByPartialAdamaxState(NamedTuple):
 
 
 def scale_by_partial_adamax(
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by AdaMax's rule with the infinity norm to a partial power.
 
@@ -79,22 +79,29 @@ def scale_by_partial_adamax(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
   """
   return _adam_like.scale_by_partial_moments(
-      _adam_like.ADAMAX, ScaleByPartialAdamaxState, p, b1, b2, eps,
-      running_max=False, bias_correction=bias_correction, mu_dtype=mu_dtype,
+    _adam_like.ADAMAX,
+    ScaleByPartialAdamaxState,
+    p,
+    b1,
+    b2,
+    eps,
+    running_max=False,
+    bias_correction=bias_correction,
+    mu_dtype=mu_dtype,
   )
 
 
 def partial_adamax(
-    learning_rate: ScalarOrSchedule = 0.1,
-    p: ScalarOrSchedule = 0.125,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    bias_correction: bool = True,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: ScalarOrSchedule = 0.1,
+  p: ScalarOrSchedule = 0.125,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  bias_correction: bool = True,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive AdaMax.
 
@@ -140,6 +147,8 @@ def partial_adamax(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Section 7.1, AdaMax).
   """
   return _common.coupled_l2(
-      scale_by_partial_adamax(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
-      learning_rate, weight_decay, mask,
+    scale_by_partial_adamax(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    learning_rate,
+    weight_decay,
+    mask,
   )

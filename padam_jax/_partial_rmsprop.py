@@ -25,10 +25,10 @@ class ScaleByPartialRmsState(NamedTuple):
 
 
 def scale_by_partial_rms(
-    p: ScalarOrSchedule = 0.125,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
+  p: ScalarOrSchedule = 0.125,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root mean square of past gradients to a partial power.
 
@@ -73,22 +73,25 @@ def scale_by_partial_rms(
   _validation.check_interval("eps", eps, 0.0)
   _validation.check_interval("initial_scale", initial_scale, 0.0)
   return _common.scale_by_partial_accumulator(
-      ScaleByPartialRmsState, p, eps, initial_scale,
-      lambda g, v: _common.ema(decay, g, v, 2),
+    ScaleByPartialRmsState,
+    p,
+    eps,
+    initial_scale,
+    lambda g, v: _common.ema(decay, g, v, 2),
   )
 
 
 def partial_rmsprop(
-    learning_rate: ScalarOrSchedule = 0.01,
-    p: ScalarOrSchedule = 0.125,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    momentum: jax.typing.ArrayLike | None = None,
-    nesterov: bool = False,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    *,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+  learning_rate: ScalarOrSchedule = 0.01,
+  p: ScalarOrSchedule = 0.125,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  momentum: jax.typing.ArrayLike | None = None,
+  nesterov: bool = False,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive RMSprop.
 
@@ -145,8 +148,8 @@ def partial_rmsprop(
   if momentum is not None:
     _validation.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
   return optax.chain(
-      _common.add_decayed_weights(weight_decay, mask),
-      scale_by_partial_rms(p, decay, eps, initial_scale),
-      optax.trace(momentum, nesterov) if momentum is not None else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate),
+    _common.add_decayed_weights(weight_decay, mask),
+    scale_by_partial_rms(p, decay, eps, initial_scale),
+    optax.trace(momentum, nesterov) if momentum is not None else optax.identity(),
+    optax.scale_by_learning_rate(learning_rate),
   )

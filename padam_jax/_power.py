@@ -43,6 +43,7 @@ MAX_SQRT_DEPTH = 4
 # ``q_hi * e`` is exact in float32 for any float32 exponent ``|e| <= 2**8``.
 _Q_HI_BITS = 12
 
+
 def _log1p_series(degree: int = 9) -> tuple[np.float32, ...]:
   """Coefficients ``c`` with ``log(1 + u) ~ u * sum(c[k] u**k)`` on the reduced range.
 

@@ -12,12 +12,12 @@ from padam_jax import _validation
 
 
 def anneal_p(
-    transition_steps: int,
-    init_p: float = 0.5,
-    end_p: float = 0.125,
-    *,
-    transition_begin: int = 0,
-    shape: str = "cosine",
+  transition_steps: int,
+  init_p: float = 0.5,
+  end_p: float = 0.125,
+  *,
+  transition_begin: int = 0,
+  shape: str = "cosine",
 ) -> optax.Schedule:
   r"""A schedule for ``p`` that moves from adaptive (``init_p``) to SGD-like (``end_p``).
 

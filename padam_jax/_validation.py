@@ -32,14 +32,14 @@ def concrete_float(value: Any) -> float | None:
 
 
 def check_interval(
-    name: str,
-    value: Any,
-    low: float,
-    high: float = math.inf,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    description: str | None = None,
+  name: str,
+  value: Any,
+  low: float,
+  high: float = math.inf,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  description: str | None = None,
 ) -> None:
   """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range.
 
@@ -62,9 +62,7 @@ def check_interval(
   left = "(" if low_open else "["
   right = ")" if high_open or math.isinf(high) else "]"
   upper = "inf" if math.isinf(high) else f"{high:g}"
-  message = (
-      f"{name} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}"
-  )
+  message = f"{name} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}"
   if description:
     message += f" ({description})"
   raise ValueError(message)
@@ -91,19 +89,22 @@ def check_partial_power(p: Any) -> None:
     except Exception:
       array = None
     real = array is not None and (
-        jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
+      jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
     )
     if not real:
       raise TypeError(
-          f"p must be a real number in [0, 1/2] or a schedule (a callable of the step count), "
-          f"got {p!r}"
+        f"p must be a real number in [0, 1/2] or a schedule (a callable of the step count), "
+        f"got {p!r}"
       )
     if array.shape != ():
       raise ValueError(
-          f"p must be a single number in [0, 1/2] or a schedule, got an array of shape "
-          f"{array.shape}: {p!r}"
+        f"p must be a single number in [0, 1/2] or a schedule, got an array of shape "
+        f"{array.shape}: {p!r}"
       )
   check_interval(
-      "p", p, 0.0, 0.5,
-      description="p=1/2 is the fully adaptive method, p=0 is momentum SGD",
+    "p",
+    p,
+    0.0,
+    0.5,
+    description="p=1/2 is the fully adaptive method, p=0 is momentum SGD",
   )

@@ -11,7 +11,7 @@ that is not written for strict promotion opt out with
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import jax
@@ -20,7 +20,7 @@ import pytest
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "standard_promotion: run with JAX's default dtype/rank promotion"
+    "markers", "standard_promotion: run with JAX's default dtype/rank promotion"
   )
 
 

@@ -18,19 +18,26 @@ def main() -> None:
   print("|---|---|---|---|---|")
   for p in P_VALUES:
     row = [
-        run_against_reference(
-            padam_jax.padam(0.1, p=p, weight_decay=wd), lambda wd=wd, p=p: PadamReference(p, wd=wd),
-            lambda t: 0.1,
-        )
-        for wd in (0.0, 5e-4)
+      run_against_reference(
+        padam_jax.padam(0.1, p=p, weight_decay=wd),
+        lambda wd=wd, p=p: PadamReference(p, wd=wd),
+        lambda t: 0.1,
+      )
+      for wd in (0.0, 5e-4)
     ]
-    row.append(run_against_reference(
+    row.append(
+      run_against_reference(
         padam_jax.padam(0.1, p=p, weight_decay=1e-2, mask=mask),
-        lambda p=p: PadamReference(p, wd=1e-2), lambda t: 0.1, mask=mask,
-    ))
+        lambda p=p: PadamReference(p, wd=1e-2),
+        lambda t: 0.1,
+        mask=mask,
+      )
+    )
     cells = [f"{x:.2e}" for x in row]
     if p > 0:  # Algorithm 1 has p in (0, 1/2]
-      cells.append(f"{run_against_reference(padam_jax.padam(0.01, p=p, eps=0.0, bias_correction=False), lambda p=p: PadamReference(p, eps=0.0, bias_correction=False), lambda t: 0.01):.2e}")
+      cells.append(
+        f"{run_against_reference(padam_jax.padam(0.01, p=p, eps=0.0, bias_correction=False), lambda p=p: PadamReference(p, eps=0.0, bias_correction=False), lambda t: 0.01):.2e}"
+      )
     else:
       cells.append("-")
     print(f"| {p:.4g} | " + " | ".join(cells) + " |")

@@ -28,8 +28,7 @@ TOLERANCE = 2.5e-4
 class AdaBoundReference:
   """One leaf of AdaBound / AMSBound in float64; ``update`` returns the additive update."""
 
-  def __init__(self, lr0, final_lr, b1=0.9, b2=0.999, eps=1e-8, gamma=1e-3, wd=0.0,
-               amsbound=False):
+  def __init__(self, lr0, final_lr, b1=0.9, b2=0.999, eps=1e-8, gamma=1e-3, wd=0.0, amsbound=False):
     self.lr0, self.final_lr, self.b1, self.b2 = lr0, final_lr, b1, b2
     self.eps, self.gamma, self.wd, self.amsbound = eps, gamma, wd, amsbound
     self.t = 0
@@ -73,8 +72,8 @@ def run(tx, make_reference, lr_at, steps=STEPS):
   # Ten times larger gradients for the first 30 steps, so that v later falls below
   # its running max and AMSBound's denominator differs from AdaBound's.
   grads = [
-      {k: v * np.float32(10.0 if t < 30 else 1.0) for k, v in g.items()}
-      for t, g in enumerate(mixed_scale_gradients(steps, seed=5))
+    {k: v * np.float32(10.0 if t < 30 else 1.0) for k, v in g.items()}
+    for t, g in enumerate(mixed_scale_gradients(steps, seed=5))
   ]
   params = {k: jnp.asarray(v) for k, v in initial_params().items()}
   refs = {k: make_reference() for k in params}
@@ -93,12 +92,12 @@ def run(tx, make_reference, lr_at, steps=STEPS):
 
 
 SETTINGS = {
-    # gamma 0.05: the bounds close within the run, so both clips and free steps occur.
-    "scheduled-gamma0.05-wd": dict(final_lr=0.1, gamma=0.05, weight_decay=5e-4),
-    # final_lr 1e-3 / 3e-3: the unit-scale leaf mostly moves freely inside the
-    # bounds, and with b2 = 0.99 its v falls below the running max (AMSBound).
-    "scheduled-b2-0.99": dict(final_lr=1e-3, gamma=1e-3, b2=0.99),
-    "scheduled-eps0-b2-0.99": dict(final_lr=3e-3, gamma=1e-3, eps=0.0, b2=0.99),
+  # gamma 0.05: the bounds close within the run, so both clips and free steps occur.
+  "scheduled-gamma0.05-wd": dict(final_lr=0.1, gamma=0.05, weight_decay=5e-4),
+  # final_lr 1e-3 / 3e-3: the unit-scale leaf mostly moves freely inside the
+  # bounds, and with b2 = 0.99 its v falls below the running max (AMSBound).
+  "scheduled-b2-0.99": dict(final_lr=1e-3, gamma=1e-3, b2=0.99),
+  "scheduled-eps0-b2-0.99": dict(final_lr=3e-3, gamma=1e-3, eps=0.0, b2=0.99),
 }
 
 
@@ -108,9 +107,9 @@ def measure(setting, amsbound):
   factory = padam_jax.amsbound if amsbound else padam_jax.adabound
   tx = factory(LR_SCHEDULE, weight_decay=wd, **kwargs)
   return run(
-      tx,
-      lambda: AdaBoundReference(0.01, wd=wd, amsbound=amsbound, **kwargs),
-      lr_schedule_reference,
+    tx,
+    lambda: AdaBoundReference(0.01, wd=wd, amsbound=amsbound, **kwargs),
+    lr_schedule_reference,
   )
 
 
@@ -132,8 +131,8 @@ def test_matches_numpy_loop_with_a_schedule(setting, amsbound):
 
 def nonzero_gradients(steps):
   return [
-      {k: np.where(v == 0, np.float32(1e-3), v) for k, v in g.items()}
-      for g in mixed_scale_gradients(steps, seed=6)
+    {k: np.where(v == 0, np.float32(1e-3), v) for k, v in g.items()}
+    for g in mixed_scale_gradients(steps, seed=6)
   ]
 
 
@@ -160,9 +159,7 @@ def test_bounds_that_never_bind_give_adam():
 def test_closed_bounds_give_sgd_momentum():
   # gamma huge: both bounds are final_lr to 1e-7, and m = (1 - b1) * SGD's trace.
   tx = padam_jax.adabound(1e-3, final_lr=0.1, gamma=1e7)
-  assert_same_updates(
-      tx, optax.sgd(0.1 * (1 - 0.9), momentum=0.9), mixed_scale_gradients(100)
-  )
+  assert_same_updates(tx, optax.sgd(0.1 * (1 - 0.9), momentum=0.9), mixed_scale_gradients(100))
 
 
 def test_amsbound_differs_from_adabound_once_v_shrinks():
@@ -188,17 +185,17 @@ def test_state_holds_the_max_only_for_amsbound():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        (dict(gamma=0.0), "gamma"),
-        (dict(gamma=-1e-3), "gamma"),
-        (dict(final_lr=-0.1), "final_lr"),
-        (dict(learning_rate=0.0), "learning_rate"),
-        (dict(b1=1.0), "b1"),
-        (dict(b2=-0.1), "b2"),
-        (dict(eps=-1e-8), "eps"),
-        (dict(weight_decay=-1e-4), "weight_decay"),
-    ],
+  ("kwargs", "name"),
+  [
+    (dict(gamma=0.0), "gamma"),
+    (dict(gamma=-1e-3), "gamma"),
+    (dict(final_lr=-0.1), "final_lr"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(b1=1.0), "b1"),
+    (dict(b2=-0.1), "b2"),
+    (dict(eps=-1e-8), "eps"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+  ],
 )
 def test_bad_argument_is_rejected_when_built(kwargs, name):
   for factory in (padam_jax.adabound, padam_jax.amsbound):

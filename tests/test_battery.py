@@ -22,86 +22,86 @@ from battery import Case, ids
 import padam_jax
 
 CASES: list[Case] = [
-    Case(
-        "padam",
-        lambda: padam_jax.padam(learning_rate=0.05, p=0.125),
-        inject=(padam_jax.padam, dict(learning_rate=0.05, p=0.125, weight_decay=1e-3)),
-        supports_mu_dtype=lambda dtype: padam_jax.padam(0.05, p=0.125, mu_dtype=dtype),
+  Case(
+    "padam",
+    lambda: padam_jax.padam(learning_rate=0.05, p=0.125),
+    inject=(padam_jax.padam, dict(learning_rate=0.05, p=0.125, weight_decay=1e-3)),
+    supports_mu_dtype=lambda dtype: padam_jax.padam(0.05, p=0.125, mu_dtype=dtype),
+  ),
+  Case(
+    "padam-p-traced",
+    lambda: padam_jax.padam(learning_rate=0.05, p=lambda count: jnp.asarray(0.125)),
+  ),
+  Case(
+    "padam-p0.4-wd",
+    lambda: padam_jax.padam(learning_rate=0.02, p=0.4, weight_decay=1e-4),
+    inject=(padam_jax.padam, dict(learning_rate=0.02, p=0.4, b2=0.99)),
+  ),
+  Case(
+    "padam-algorithm-1",
+    lambda: padam_jax.padam(learning_rate=0.01, p=0.25, eps=0.0, bias_correction=False),
+  ),
+  Case(
+    "scale_by_partial_amsgrad",
+    lambda: optax.chain(
+      padam_jax.scale_by_partial_amsgrad(p=0.125), optax.scale_by_learning_rate(0.05)
     ),
-    Case(
-        "padam-p-traced",
-        lambda: padam_jax.padam(learning_rate=0.05, p=lambda count: jnp.asarray(0.125)),
-    ),
-    Case(
-        "padam-p0.4-wd",
-        lambda: padam_jax.padam(learning_rate=0.02, p=0.4, weight_decay=1e-4),
-        inject=(padam_jax.padam, dict(learning_rate=0.02, p=0.4, b2=0.99)),
-    ),
-    Case(
-        "padam-algorithm-1",
-        lambda: padam_jax.padam(learning_rate=0.01, p=0.25, eps=0.0, bias_correction=False),
-    ),
-    Case(
-        "scale_by_partial_amsgrad",
-        lambda: optax.chain(
-            padam_jax.scale_by_partial_amsgrad(p=0.125), optax.scale_by_learning_rate(0.05)
-        ),
-    ),
+  ),
 ]
 
 # The library's other factories: inject_hyperparams and mu_dtype.
 CASES += [
-    Case(
-        "adabound",
-        lambda: padam_jax.adabound(0.03, final_lr=1e-3),
-        inject=(padam_jax.adabound, dict(learning_rate=0.03, final_lr=1e-3, weight_decay=1e-3)),
-        supports_mu_dtype=lambda dtype: padam_jax.adabound(0.03, final_lr=1e-3, mu_dtype=dtype),
-    ),
-    Case(
-        "amsbound",
-        lambda: padam_jax.amsbound(0.03, final_lr=1e-3),
-        inject=(padam_jax.amsbound, dict(learning_rate=0.03, final_lr=1e-3, gamma=1e-2)),
-        supports_mu_dtype=lambda dtype: padam_jax.amsbound(0.03, final_lr=1e-3, mu_dtype=dtype),
-    ),
-    Case(
-        "partial_adam",
-        lambda: padam_jax.partial_adam(0.03, p=0.125),
-        inject=(padam_jax.partial_adam, dict(learning_rate=0.03, p=0.125, weight_decay=1e-3)),
-        supports_mu_dtype=lambda dtype: padam_jax.partial_adam(0.03, mu_dtype=dtype),
-    ),
-    Case(
-        "padamw",
-        lambda: padam_jax.padamw(0.03, p=0.125, weight_decay=1e-2),
-        inject=(padam_jax.padamw, dict(learning_rate=0.03, p=0.25, weight_decay=1e-2)),
-        supports_mu_dtype=lambda dtype: padam_jax.padamw(0.03, mu_dtype=dtype),
-    ),
-    Case(
-        "partial_rmsprop",
-        lambda: padam_jax.partial_rmsprop(3e-3, p=0.125, momentum=0.9),
-        inject=(padam_jax.partial_rmsprop, dict(learning_rate=3e-3, p=0.25, momentum=0.9)),
-    ),
-    Case(
-        "partial_adagrad",
-        lambda: padam_jax.partial_adagrad(6e-3, p=0.125),
-        inject=(padam_jax.partial_adagrad, dict(learning_rate=6e-3, p=0.25, eps=1e-8)),
-        steps=2000,
-    ),
-    Case(
-        "partial_adamax",
-        lambda: padam_jax.partial_adamax(0.03, p=0.125),
-        inject=(padam_jax.partial_adamax, dict(learning_rate=0.03, p=0.125, b2=0.99)),
-        supports_mu_dtype=lambda dtype: padam_jax.partial_adamax(0.03, mu_dtype=dtype),
-    ),
-    Case(
-        "partial_adadelta",
-        lambda: padam_jax.partial_adadelta(2e-3, p=0.125),
-        inject=(padam_jax.partial_adadelta, dict(learning_rate=2e-3, p=0.25, rho=0.95)),
-        steps=2000,
-    ),
-    Case(
-        "padam-annealed-p",
-        lambda: padam_jax.padam(0.03, p=padam_jax.anneal_p(500)),
-    ),
+  Case(
+    "adabound",
+    lambda: padam_jax.adabound(0.03, final_lr=1e-3),
+    inject=(padam_jax.adabound, dict(learning_rate=0.03, final_lr=1e-3, weight_decay=1e-3)),
+    supports_mu_dtype=lambda dtype: padam_jax.adabound(0.03, final_lr=1e-3, mu_dtype=dtype),
+  ),
+  Case(
+    "amsbound",
+    lambda: padam_jax.amsbound(0.03, final_lr=1e-3),
+    inject=(padam_jax.amsbound, dict(learning_rate=0.03, final_lr=1e-3, gamma=1e-2)),
+    supports_mu_dtype=lambda dtype: padam_jax.amsbound(0.03, final_lr=1e-3, mu_dtype=dtype),
+  ),
+  Case(
+    "partial_adam",
+    lambda: padam_jax.partial_adam(0.03, p=0.125),
+    inject=(padam_jax.partial_adam, dict(learning_rate=0.03, p=0.125, weight_decay=1e-3)),
+    supports_mu_dtype=lambda dtype: padam_jax.partial_adam(0.03, mu_dtype=dtype),
+  ),
+  Case(
+    "padamw",
+    lambda: padam_jax.padamw(0.03, p=0.125, weight_decay=1e-2),
+    inject=(padam_jax.padamw, dict(learning_rate=0.03, p=0.25, weight_decay=1e-2)),
+    supports_mu_dtype=lambda dtype: padam_jax.padamw(0.03, mu_dtype=dtype),
+  ),
+  Case(
+    "partial_rmsprop",
+    lambda: padam_jax.partial_rmsprop(3e-3, p=0.125, momentum=0.9),
+    inject=(padam_jax.partial_rmsprop, dict(learning_rate=3e-3, p=0.25, momentum=0.9)),
+  ),
+  Case(
+    "partial_adagrad",
+    lambda: padam_jax.partial_adagrad(6e-3, p=0.125),
+    inject=(padam_jax.partial_adagrad, dict(learning_rate=6e-3, p=0.25, eps=1e-8)),
+    steps=2000,
+  ),
+  Case(
+    "partial_adamax",
+    lambda: padam_jax.partial_adamax(0.03, p=0.125),
+    inject=(padam_jax.partial_adamax, dict(learning_rate=0.03, p=0.125, b2=0.99)),
+    supports_mu_dtype=lambda dtype: padam_jax.partial_adamax(0.03, mu_dtype=dtype),
+  ),
+  Case(
+    "partial_adadelta",
+    lambda: padam_jax.partial_adadelta(2e-3, p=0.125),
+    inject=(padam_jax.partial_adadelta, dict(learning_rate=2e-3, p=0.25, rho=0.95)),
+    steps=2000,
+  ),
+  Case(
+    "padam-annealed-p",
+    lambda: padam_jax.padam(0.03, p=padam_jax.anneal_p(500)),
+  ),
 ]
 
 

@@ -25,10 +25,10 @@ standard = pytest.mark.standard_promotion
 def synthetic_cifar(n_train=60, n_test=30, seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-      "y_train": np.arange(n_train, dtype=np.int64) % 10,
-      "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-      "y_test": np.arange(n_test, dtype=np.int64) % 10,
+    "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+    "y_train": np.arange(n_train, dtype=np.int64) % 10,
+    "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+    "y_test": np.arange(n_test, dtype=np.int64) % 10,
   }
 
 
@@ -89,7 +89,9 @@ def test_crop_flip_does_not_depend_on_sharding():
 
 def test_normalize_matches_the_reference_formula():
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-  expected = (images / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array([0.2023, 0.1994, 0.2010])
+  expected = (images / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array(
+    [0.2023, 0.1994, 0.2010]
+  )
   got = input_pipeline.normalize(jnp.asarray(images))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -137,14 +139,14 @@ def test_corrupt_npz_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda d: d.pop("y_test"), "lacks the arrays"),
-        (lambda d: d.update(x_train=d["x_train"][:, :16]), "shape"),
-        (lambda d: d.update(x_test=d["x_test"].astype(np.float32)), "uint8"),
-        (lambda d: d.update(y_train=d["y_train"] + 5), "labels outside"),
-        (lambda d: d.update(y_test=d["y_test"][:5]), "labels of shape"),
-    ],
+  ("change", "message"),
+  [
+    (lambda d: d.pop("y_test"), "lacks the arrays"),
+    (lambda d: d.update(x_train=d["x_train"][:, :16]), "shape"),
+    (lambda d: d.update(x_test=d["x_test"].astype(np.float32)), "uint8"),
+    (lambda d: d.update(y_train=d["y_train"] + 5), "labels outside"),
+    (lambda d: d.update(y_test=d["y_test"][:5]), "labels of shape"),
+  ],
 )
 def test_malformed_npz_is_reported(tmp_path, change, message):
   arrays = synthetic_cifar()
@@ -166,8 +168,15 @@ def official_archive(path, arrays):
   members["test_batch"] = (arrays["x_test"], arrays["y_test"])
   with tarfile.open(path, "w:gz") as tar:
     for name, (x, y) in members.items():
-      blob = pickle.dumps({b"batch_label": name.encode(), b"labels": [int(v) for v in y],
-                           b"data": rows(x), b"filenames": [b"x.png"] * len(y)}, protocol=2)
+      blob = pickle.dumps(
+        {
+          b"batch_label": name.encode(),
+          b"labels": [int(v) for v in y],
+          b"data": rows(x),
+          b"filenames": [b"x.png"] * len(y),
+        },
+        protocol=2,
+      )
       info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
@@ -177,7 +186,9 @@ def official_archive(path, arrays):
 def test_convert_official_archive(tmp_path):
   arrays = synthetic_cifar()
   md5 = official_archive(tmp_path / "cifar.tar.gz", arrays)
-  input_pipeline.convert_archive(tmp_path / "cifar.tar.gz", tmp_path / "out" / "cifar10.npz", md5=md5)
+  input_pipeline.convert_archive(
+    tmp_path / "cifar.tar.gz", tmp_path / "out" / "cifar10.npz", md5=md5
+  )
   train_split, test_split = input_pipeline.load(tmp_path / "out")
   np.testing.assert_array_equal(train_split.images, arrays["x_train"])
   np.testing.assert_array_equal(train_split.labels, arrays["y_train"])
@@ -220,8 +231,10 @@ def he_resnet_params(blocks, widths):
   return total + cin * 10 + 10
 
 
-@pytest.mark.parametrize(("name", "blocks", "widths"), [
-    ("resnet20", 3, (16, 32, 64)), ("resnet8", 1, (16, 32, 64)), ("resnet20_w2", 3, (32, 64, 128))])
+@pytest.mark.parametrize(
+  ("name", "blocks", "widths"),
+  [("resnet20", 3, (16, 32, 64)), ("resnet8", 1, (16, 32, 64)), ("resnet20_w2", 3, (32, 64, 128))],
+)
 def test_he_resnets_have_the_expected_size(name, blocks, widths):
   model = nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0)))
   assert models.count_params(model) == he_resnet_params(blocks, widths)
@@ -230,7 +243,9 @@ def test_he_resnets_have_the_expected_size(name, blocks, widths):
 def test_every_model_maps_images_to_logits():
   for name in models.MODELS:
     model = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
-    out = jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    out = jax.eval_shape(
+      lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    )
     assert out.shape == (2, 10), name
 
 
@@ -242,15 +257,33 @@ def test_unknown_model_lists_the_valid_ones():
 
 # --- the trainer -----------------------------------------------------------------------------------
 
-REQUIRED = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-            "epoch_seconds", "images_per_second")
+REQUIRED = (
+  "epoch",
+  "step",
+  "lr",
+  "train_loss",
+  "train_acc",
+  "test_loss",
+  "test_acc",
+  "epoch_seconds",
+  "images_per_second",
+)
 
 
 @standard
 def test_two_step_run_writes_metrics(data_dir, tmp_path):
-  config = train.Config(model="resnet8_w0.5", optimizer="padam", epochs=1, batch_size=16,
-                        train_size=32, test_size=30, data_dir=str(data_dir),
-                        workdir=str(tmp_path / "run"), progress=False, eval_batch_size=16)
+  config = train.Config(
+    model="resnet8_w0.5",
+    optimizer="padam",
+    epochs=1,
+    batch_size=16,
+    train_size=32,
+    test_size=30,
+    data_dir=str(data_dir),
+    workdir=str(tmp_path / "run"),
+    progress=False,
+    eval_batch_size=16,
+  )
   history = train.train_and_evaluate(config)
   assert metrics.read_metrics(tmp_path / "run") == history
   (record,) = history
@@ -284,7 +317,9 @@ def test_unknown_names_through_the_python_api(tmp_path):
 
 def test_cli_reports_missing_data_in_one_line(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")  # main() adds the XNNPACK flag; restored afterwards
-  code = cli_main.main(["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--no-progress"])
+  code = cli_main.main(
+    ["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w"), "--no-progress"]
+  )
   assert code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: CIFAR-10 not found") and "Traceback" not in err

@@ -171,52 +171,50 @@ def constant_lr(lr):
 
 # name -> (library factory(p, wd, lr), reference factory(p, wd), lr on the reference side)
 RULES = {
-    "partial_adam": (
-        lambda p, wd, lr: padam_jax.partial_adam(lr, p=p, weight_decay=wd),
-        lambda p, wd: PartialAdamRef(p, wd),
+  "partial_adam": (
+    lambda p, wd, lr: padam_jax.partial_adam(lr, p=p, weight_decay=wd),
+    lambda p, wd: PartialAdamRef(p, wd),
+  ),
+  "partial_adam_algorithm_1_form": (
+    lambda p, wd, lr: padam_jax.partial_adam(
+      lr, p=p, eps=0.0, weight_decay=wd, bias_correction=False
     ),
-    "partial_adam_algorithm_1_form": (
-        lambda p, wd, lr: padam_jax.partial_adam(
-            lr, p=p, eps=0.0, weight_decay=wd, bias_correction=False
-        ),
-        lambda p, wd: PartialAdamRef(p, wd, eps=0.0, bias_correction=False),
+    lambda p, wd: PartialAdamRef(p, wd, eps=0.0, bias_correction=False),
+  ),
+  "padamw": (
+    lambda p, wd, lr: padam_jax.padamw(lr, p=p, weight_decay=10 * wd),
+    lambda p, wd: PadamWRef(p, 10 * wd),
+  ),
+  "partial_rmsprop": (
+    lambda p, wd, lr: padam_jax.partial_rmsprop(lr, p=p, decay=0.99, weight_decay=wd),
+    lambda p, wd: PartialRmsRef(p, wd, decay=0.99),
+  ),
+  "partial_rmsprop_momentum_eps0": (
+    lambda p, wd, lr: padam_jax.partial_rmsprop(lr, p=p, eps=0.0, momentum=0.9, weight_decay=wd),
+    lambda p, wd: PartialRmsRef(p, wd, eps=0.0, momentum=0.9),
+  ),
+  "partial_adagrad": (
+    lambda p, wd, lr: padam_jax.partial_adagrad(lr, p=p, weight_decay=wd),
+    lambda p, wd: PartialAdagradRef(p, wd),
+  ),
+  "partial_adagrad_eps0_init": (
+    lambda p, wd, lr: padam_jax.partial_adagrad(
+      lr, p=p, initial_accumulator_value=0.1, eps=0.0, weight_decay=wd
     ),
-    "padamw": (
-        lambda p, wd, lr: padam_jax.padamw(lr, p=p, weight_decay=10 * wd),
-        lambda p, wd: PadamWRef(p, 10 * wd),
-    ),
-    "partial_rmsprop": (
-        lambda p, wd, lr: padam_jax.partial_rmsprop(lr, p=p, decay=0.99, weight_decay=wd),
-        lambda p, wd: PartialRmsRef(p, wd, decay=0.99),
-    ),
-    "partial_rmsprop_momentum_eps0": (
-        lambda p, wd, lr: padam_jax.partial_rmsprop(
-            lr, p=p, eps=0.0, momentum=0.9, weight_decay=wd
-        ),
-        lambda p, wd: PartialRmsRef(p, wd, eps=0.0, momentum=0.9),
-    ),
-    "partial_adagrad": (
-        lambda p, wd, lr: padam_jax.partial_adagrad(lr, p=p, weight_decay=wd),
-        lambda p, wd: PartialAdagradRef(p, wd),
-    ),
-    "partial_adagrad_eps0_init": (
-        lambda p, wd, lr: padam_jax.partial_adagrad(
-            lr, p=p, initial_accumulator_value=0.1, eps=0.0, weight_decay=wd
-        ),
-        lambda p, wd: PartialAdagradRef(p, wd, initial_accumulator_value=0.1, eps=0.0),
-    ),
-    "partial_adamax": (
-        lambda p, wd, lr: padam_jax.partial_adamax(lr, p=p, weight_decay=wd),
-        lambda p, wd: PartialAdamaxRef(p, wd),
-    ),
-    "partial_adamax_eps0": (
-        lambda p, wd, lr: padam_jax.partial_adamax(lr, p=p, eps=0.0, b2=0.99, weight_decay=wd),
-        lambda p, wd: PartialAdamaxRef(p, wd, eps=0.0, b2=0.99),
-    ),
-    "partial_adadelta": (
-        lambda p, wd, lr: padam_jax.partial_adadelta(lr, p=p, rho=0.95, weight_decay=wd),
-        lambda p, wd: PartialAdadeltaRef(p, wd, rho=0.95),
-    ),
+    lambda p, wd: PartialAdagradRef(p, wd, initial_accumulator_value=0.1, eps=0.0),
+  ),
+  "partial_adamax": (
+    lambda p, wd, lr: padam_jax.partial_adamax(lr, p=p, weight_decay=wd),
+    lambda p, wd: PartialAdamaxRef(p, wd),
+  ),
+  "partial_adamax_eps0": (
+    lambda p, wd, lr: padam_jax.partial_adamax(lr, p=p, eps=0.0, b2=0.99, weight_decay=wd),
+    lambda p, wd: PartialAdamaxRef(p, wd, eps=0.0, b2=0.99),
+  ),
+  "partial_adadelta": (
+    lambda p, wd, lr: padam_jax.partial_adadelta(lr, p=p, rho=0.95, weight_decay=wd),
+    lambda p, wd: PartialAdadeltaRef(p, wd, rho=0.95),
+  ),
 }
 
 
@@ -252,7 +250,7 @@ def test_annealed_p_matches_the_numpy_loop_with_p_per_step(name):
   make, make_ref = RULES[name]
   p = padam_jax.anneal_p(100, 0.5, 0.125)
   worst = run_against_reference(
-      make(p, 0.0, 0.1), lambda: make_ref(annealed_p_reference, 0.0), constant_lr(0.1)
+    make(p, 0.0, 0.1), lambda: make_ref(annealed_p_reference, 0.0), constant_lr(0.1)
   )
   assert worst < TOLERANCE
 
@@ -282,74 +280,74 @@ def assert_same_updates(tx, parent, grads, rtol=1e-5):
 
 
 PARENTS = {
-    # p = 1/2 against Optax, with the arguments that make the conventions agree.
-    "adam": (
-        lambda: padam_jax.partial_adam(1e-3, p=0.5, b2=0.99, eps=0.0),
-        lambda: optax.adam(1e-3, b2=0.99, eps=0.0),
-        nonzero_gradients,
-    ),
-    "rmsprop": (
-        lambda: padam_jax.partial_rmsprop(1e-3, p=0.5, decay=0.9, eps=1e-8, momentum=0.9),
-        lambda: optax.rmsprop(1e-3, decay=0.9, eps=1e-8, eps_in_sqrt=False, momentum=0.9),
-        mixed_scale_gradients,
-    ),
-    "adagrad": (
-        lambda: padam_jax.partial_adagrad(0.1, p=0.5, initial_accumulator_value=0.1, eps=0.0),
-        lambda: optax.adagrad(0.1, initial_accumulator_value=0.1, eps=0.0),
-        mixed_scale_gradients,
-    ),
-    "adamax": (
-        lambda: padam_jax.partial_adamax(2e-3, p=0.5),
-        lambda: optax.adamax(2e-3),
-        mixed_scale_gradients,
-    ),
-    "adadelta": (
-        lambda: padam_jax.partial_adadelta(1.0, p=0.5, rho=0.9, eps=1e-6),
-        lambda: optax.adadelta(1.0, rho=0.9, eps=1e-6),
-        mixed_scale_gradients,
-    ),
-    # p = 0 against SGD: Adam-like rules give heavy-ball momentum at rate lr * (1 - b1).
-    "adam-p0": (
-        lambda: padam_jax.partial_adam(0.1, p=0.0, bias_correction=False),
-        lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
-        mixed_scale_gradients,
-    ),
-    "adamax-p0": (
-        lambda: padam_jax.partial_adamax(0.1, p=0.0, bias_correction=False),
-        lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
-        mixed_scale_gradients,
-    ),
-    "padamw-p0": (
-        lambda: padam_jax.padamw(0.1, p=0.0, weight_decay=0.0, bias_correction=False),
-        lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
-        mixed_scale_gradients,
-    ),
-    "rmsprop-p0": (
-        lambda: padam_jax.partial_rmsprop(0.1, p=0.0, momentum=0.9),
-        lambda: optax.sgd(0.1, momentum=0.9),
-        mixed_scale_gradients,
-    ),
-    "rmsprop-p0-no-momentum": (
-        lambda: padam_jax.partial_rmsprop(0.1, p=0.0),
-        lambda: optax.sgd(0.1),
-        mixed_scale_gradients,
-    ),
-    "adagrad-p0": (
-        lambda: padam_jax.partial_adagrad(0.1, p=0.0),
-        lambda: optax.sgd(0.1),
-        mixed_scale_gradients,
-    ),
-    "adadelta-p0": (
-        lambda: padam_jax.partial_adadelta(0.1, p=0.0),
-        lambda: optax.sgd(0.1),
-        mixed_scale_gradients,
-    ),
-    # padamw without decay is padam; with decay at p = 1/2 checked by the NumPy loop.
-    "padamw-no-decay": (
-        lambda: padam_jax.padamw(0.1, p=0.125, weight_decay=0.0),
-        lambda: padam_jax.padam(0.1, p=0.125),
-        mixed_scale_gradients,
-    ),
+  # p = 1/2 against Optax, with the arguments that make the conventions agree.
+  "adam": (
+    lambda: padam_jax.partial_adam(1e-3, p=0.5, b2=0.99, eps=0.0),
+    lambda: optax.adam(1e-3, b2=0.99, eps=0.0),
+    nonzero_gradients,
+  ),
+  "rmsprop": (
+    lambda: padam_jax.partial_rmsprop(1e-3, p=0.5, decay=0.9, eps=1e-8, momentum=0.9),
+    lambda: optax.rmsprop(1e-3, decay=0.9, eps=1e-8, eps_in_sqrt=False, momentum=0.9),
+    mixed_scale_gradients,
+  ),
+  "adagrad": (
+    lambda: padam_jax.partial_adagrad(0.1, p=0.5, initial_accumulator_value=0.1, eps=0.0),
+    lambda: optax.adagrad(0.1, initial_accumulator_value=0.1, eps=0.0),
+    mixed_scale_gradients,
+  ),
+  "adamax": (
+    lambda: padam_jax.partial_adamax(2e-3, p=0.5),
+    lambda: optax.adamax(2e-3),
+    mixed_scale_gradients,
+  ),
+  "adadelta": (
+    lambda: padam_jax.partial_adadelta(1.0, p=0.5, rho=0.9, eps=1e-6),
+    lambda: optax.adadelta(1.0, rho=0.9, eps=1e-6),
+    mixed_scale_gradients,
+  ),
+  # p = 0 against SGD: Adam-like rules give heavy-ball momentum at rate lr * (1 - b1).
+  "adam-p0": (
+    lambda: padam_jax.partial_adam(0.1, p=0.0, bias_correction=False),
+    lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
+    mixed_scale_gradients,
+  ),
+  "adamax-p0": (
+    lambda: padam_jax.partial_adamax(0.1, p=0.0, bias_correction=False),
+    lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
+    mixed_scale_gradients,
+  ),
+  "padamw-p0": (
+    lambda: padam_jax.padamw(0.1, p=0.0, weight_decay=0.0, bias_correction=False),
+    lambda: optax.sgd(0.1 * (1 - 0.9), momentum=0.9),
+    mixed_scale_gradients,
+  ),
+  "rmsprop-p0": (
+    lambda: padam_jax.partial_rmsprop(0.1, p=0.0, momentum=0.9),
+    lambda: optax.sgd(0.1, momentum=0.9),
+    mixed_scale_gradients,
+  ),
+  "rmsprop-p0-no-momentum": (
+    lambda: padam_jax.partial_rmsprop(0.1, p=0.0),
+    lambda: optax.sgd(0.1),
+    mixed_scale_gradients,
+  ),
+  "adagrad-p0": (
+    lambda: padam_jax.partial_adagrad(0.1, p=0.0),
+    lambda: optax.sgd(0.1),
+    mixed_scale_gradients,
+  ),
+  "adadelta-p0": (
+    lambda: padam_jax.partial_adadelta(0.1, p=0.0),
+    lambda: optax.sgd(0.1),
+    mixed_scale_gradients,
+  ),
+  # padamw without decay is padam; with decay at p = 1/2 checked by the NumPy loop.
+  "padamw-no-decay": (
+    lambda: padam_jax.padamw(0.1, p=0.125, weight_decay=0.0),
+    lambda: padam_jax.padam(0.1, p=0.125),
+    mixed_scale_gradients,
+  ),
 }
 
 
@@ -378,10 +376,10 @@ def test_zero_gradients_give_zero_updates_with_eps_zero():
   params = jnp.zeros(3)
   g = jnp.array([0.0, 1.0, -2.0])
   for tx in (
-      padam_jax.partial_adam(0.1, eps=0.0, bias_correction=False),
-      padam_jax.partial_rmsprop(0.1, eps=0.0),
-      padam_jax.partial_adagrad(0.1, eps=0.0),
-      padam_jax.partial_adamax(0.1, eps=0.0),
+    padam_jax.partial_adam(0.1, eps=0.0, bias_correction=False),
+    padam_jax.partial_rmsprop(0.1, eps=0.0),
+    padam_jax.partial_adagrad(0.1, eps=0.0),
+    padam_jax.partial_adamax(0.1, eps=0.0),
   ):
     updates, _ = tx.update(g, tx.init(params), params)
     assert float(updates[0]) == 0.0
@@ -418,15 +416,15 @@ def test_anneal_p_is_monotone_and_jittable():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(transition_steps=0),
-        dict(transition_steps=10.5),
-        dict(transition_steps=10, init_p=0.6),
-        dict(transition_steps=10, end_p=-0.1),
-        dict(transition_steps=10, transition_begin=-1),
-        dict(transition_steps=10, shape="exponential"),
-    ],
+  "kwargs",
+  [
+    dict(transition_steps=0),
+    dict(transition_steps=10.5),
+    dict(transition_steps=10, init_p=0.6),
+    dict(transition_steps=10, end_p=-0.1),
+    dict(transition_steps=10, transition_begin=-1),
+    dict(transition_steps=10, shape="exponential"),
+  ],
 )
 def test_anneal_p_rejects_bad_arguments(kwargs):
   with pytest.raises(ValueError):
@@ -436,26 +434,32 @@ def test_anneal_p_rejects_bad_arguments(kwargs):
 # --- argument checks -----------------------------------------------------------------
 
 FACTORIES = {
-    "partial_adam": padam_jax.partial_adam,
-    "padamw": padam_jax.padamw,
-    "partial_rmsprop": padam_jax.partial_rmsprop,
-    "partial_adagrad": padam_jax.partial_adagrad,
-    "partial_adamax": padam_jax.partial_adamax,
-    "partial_adadelta": padam_jax.partial_adadelta,
+  "partial_adam": padam_jax.partial_adam,
+  "padamw": padam_jax.padamw,
+  "partial_rmsprop": padam_jax.partial_rmsprop,
+  "partial_adagrad": padam_jax.partial_adagrad,
+  "partial_adamax": padam_jax.partial_adamax,
+  "partial_adadelta": padam_jax.partial_adadelta,
 }
 BAD = {
-    "partial_adam": [("p", 0.6), ("b1", 1.0), ("b2", -0.1), ("eps", -1.0), ("weight_decay", -1.0)],
-    "padamw": [("p", -0.1), ("b2", 1.0), ("weight_decay", -1e-4)],
-    "partial_rmsprop": [("p", 0.51), ("decay", 1.0), ("eps", -1e-8), ("initial_scale", -1.0),
-                        ("momentum", 1.5), ("weight_decay", -1.0)],
-    "partial_adagrad": [("p", 1.0), ("initial_accumulator_value", -0.1), ("eps", -1.0)],
-    "partial_adamax": [("p", float("nan")), ("b1", -0.5), ("b2", 1.5), ("eps", -1.0)],
-    "partial_adadelta": [("p", 0.7), ("rho", 1.0), ("eps", 0.0), ("weight_decay", -1.0)],
+  "partial_adam": [("p", 0.6), ("b1", 1.0), ("b2", -0.1), ("eps", -1.0), ("weight_decay", -1.0)],
+  "padamw": [("p", -0.1), ("b2", 1.0), ("weight_decay", -1e-4)],
+  "partial_rmsprop": [
+    ("p", 0.51),
+    ("decay", 1.0),
+    ("eps", -1e-8),
+    ("initial_scale", -1.0),
+    ("momentum", 1.5),
+    ("weight_decay", -1.0),
+  ],
+  "partial_adagrad": [("p", 1.0), ("initial_accumulator_value", -0.1), ("eps", -1.0)],
+  "partial_adamax": [("p", float("nan")), ("b1", -0.5), ("b2", 1.5), ("eps", -1.0)],
+  "partial_adadelta": [("p", 0.7), ("rho", 1.0), ("eps", 0.0), ("weight_decay", -1.0)],
 }
 
 
 @pytest.mark.parametrize(
-    ("name", "arg", "value"), [(n, a, v) for n, bad in BAD.items() for a, v in bad]
+  ("name", "arg", "value"), [(n, a, v) for n, bad in BAD.items() for a, v in bad]
 )
 def test_bad_argument_is_rejected_when_built(name, arg, value):
   with pytest.raises(ValueError, match=rf"^{arg} must be"):

@@ -14,16 +14,16 @@ import padam_jax
 
 # name -> factory(**overrides), every alias with its weight decay off.
 ALIASES = {
-    "padam": padam_jax.padam,
-    "padamw": lambda **kw: padam_jax.padamw(**{"weight_decay": 0.0, **kw}),
-    "partial_adam": padam_jax.partial_adam,
-    "partial_adamax": padam_jax.partial_adamax,
-    "partial_rmsprop": padam_jax.partial_rmsprop,
-    "partial_rmsprop_momentum": lambda **kw: padam_jax.partial_rmsprop(momentum=0.9, **kw),
-    "partial_adagrad": padam_jax.partial_adagrad,
-    "partial_adadelta": padam_jax.partial_adadelta,
-    "adabound": padam_jax.adabound,
-    "amsbound": padam_jax.amsbound,
+  "padam": padam_jax.padam,
+  "padamw": lambda **kw: padam_jax.padamw(**{"weight_decay": 0.0, **kw}),
+  "partial_adam": padam_jax.partial_adam,
+  "partial_adamax": padam_jax.partial_adamax,
+  "partial_rmsprop": padam_jax.partial_rmsprop,
+  "partial_rmsprop_momentum": lambda **kw: padam_jax.partial_rmsprop(momentum=0.9, **kw),
+  "partial_adagrad": padam_jax.partial_adagrad,
+  "partial_adadelta": padam_jax.partial_adadelta,
+  "adabound": padam_jax.adabound,
+  "amsbound": padam_jax.amsbound,
 }
 FAMILY = sorted(set(ALIASES) - {"adabound", "amsbound"})  # the aliases that take p
 
@@ -88,8 +88,9 @@ def complex_amsgrad_reference(grads, p, lr=0.1, b1=0.9, b2=0.999, eps=1e-8):
 def test_padam_on_complex_parameters_follows_the_complex_reference(p):
   grads = [0.1 + 0.2j, -0.3 + 0.05j, 1e-3 - 2e-3j, 0.2 + 0.0j]
   tx = padam_jax.padam(0.1, p=p)
-  updates, state = run(tx, [jnp.array([g], jnp.complex64) for g in grads],
-                       jnp.array([1 + 1j], jnp.complex64))
+  updates, state = run(
+    tx, [jnp.array([g], jnp.complex64) for g in grads], jnp.array([1 + 1j], jnp.complex64)
+  )
   assert state[1].nu.dtype == jnp.float32 and state[1].nu_max.dtype == jnp.float32
   assert updates[0].dtype == jnp.complex64
   expected = complex_amsgrad_reference(grads, p)
@@ -114,9 +115,9 @@ def test_complex_step_turns_with_the_gradient(name):
   tx = ALIASES[name](weight_decay=1e-2)
   real, _ = run(tx, [jnp.asarray(g) for g in GRADS], jnp.asarray(PARAMS))
   turned, state = run(
-      tx,
-      [jnp.asarray(g * phase, jnp.complex64) for g in GRADS],
-      jnp.asarray(PARAMS * phase, jnp.complex64),
+    tx,
+    [jnp.asarray(g * phase, jnp.complex64) for g in GRADS],
+    jnp.asarray(PARAMS * phase, jnp.complex64),
   )
   for r, c in zip(real, turned, strict=True):
     assert c.dtype == jnp.complex64
@@ -154,15 +155,15 @@ def test_small_eps_in_float16_gives_finite_steps(eps):
 
 @pytest.mark.parametrize("name", FAMILY)
 @pytest.mark.parametrize(
-    ("p", "error"),
-    [
-        (np.array([0.1, 0.2]), ValueError),
-        ([0.1, 0.2], ValueError),
-        (np.array([0.1, 0.7]), ValueError),
-        ("a", TypeError),
-        (None, TypeError),
-        (1 + 0j, TypeError),
-    ],
+  ("p", "error"),
+  [
+    (np.array([0.1, 0.2]), ValueError),
+    ([0.1, 0.2], ValueError),
+    (np.array([0.1, 0.7]), ValueError),
+    ("a", TypeError),
+    (None, TypeError),
+    (1 + 0j, TypeError),
+  ],
 )
 def test_p_that_is_not_one_number_is_rejected_when_built(name, p, error):
   with pytest.raises(error, match=r"^p must be"):

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 from reference import (
-    PadamReference,
-    initial_params,
-    mixed_scale_gradients,
-    relative_deviation,
+  PadamReference,
+  initial_params,
+  mixed_scale_gradients,
+  relative_deviation,
 )
 
 import padam_jax
@@ -48,9 +48,7 @@ def run_against_reference(tx, reference_for_leaf, lr_at, *, mask=None, steps=STE
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
 def test_padam_matches_reference_rule(p, weight_decay):
   tx = padam_jax.padam(learning_rate=0.1, p=p, weight_decay=weight_decay)
-  worst = run_against_reference(
-      tx, lambda: PadamReference(p, wd=weight_decay), lambda t: 0.1
-  )
+  worst = run_against_reference(tx, lambda: PadamReference(p, wd=weight_decay), lambda t: 0.1)
   assert worst < TOLERANCE, f"p={p}: max relative deviation {worst:.2e}"
 
 
@@ -75,7 +73,10 @@ def test_padam_callable_mask_and_schedules_match_reference():
       return super().update(g, x, lr_now, decay)
 
   worst = run_against_reference(
-      tx, lambda: Scheduled(0.5, wd=1e-3), lambda t: float(lr(t)), mask=mask_fn({"a": 0, "b": 0, "c": 0})
+    tx,
+    lambda: Scheduled(0.5, wd=1e-3),
+    lambda t: float(lr(t)),
+    mask=mask_fn({"a": 0, "b": 0, "c": 0}),
   )
   assert worst < TOLERANCE
 
@@ -84,7 +85,7 @@ def test_padam_callable_mask_and_schedules_match_reference():
 def test_algorithm_1_matches_its_numpy_loop(p):
   tx = padam_jax.padam(learning_rate=0.01, p=p, eps=0.0, bias_correction=False)
   worst = run_against_reference(
-      tx, lambda: PadamReference(p, eps=0.0, bias_correction=False), lambda t: 0.01
+    tx, lambda: PadamReference(p, eps=0.0, bias_correction=False), lambda t: 0.01
   )
   assert worst < TOLERANCE
 
@@ -110,7 +111,9 @@ def test_p_zero_without_bias_correction_is_heavy_ball_momentum():
     u1, s1 = tx.update(g, s1, params)
     u2, s2 = sgdm.update(g, s2, params)
     for k in params:
-      np.testing.assert_allclose(u1[k], u2[k], rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(u2[k]))))
+      np.testing.assert_allclose(
+        u1[k], u2[k], rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(u2[k])))
+      )
 
 
 @pytest.mark.standard_promotion  # optax.amsgrad raises a float to an int32 power
@@ -157,16 +160,16 @@ def test_integer_and_none_leaves_behave_as_optax_amsgrad():
 
 
 BAD_INPUTS = [
-    (dict(p=0.6), "p", "0.6"),
-    (dict(p=-0.1), "p", "-0.1"),
-    (dict(p=float("nan")), "p", "nan"),
-    (dict(p=float("inf")), "p", "inf"),
-    (dict(b1=1.0), "b1", "1.0"),
-    (dict(b1=-0.5), "b1", "-0.5"),
-    (dict(b2=1.5), "b2", "1.5"),
-    (dict(b2=float("nan")), "b2", "nan"),
-    (dict(eps=-1e-8), "eps", "-1e-08"),
-    (dict(weight_decay=-5e-4), "weight_decay", "-0.0005"),
+  (dict(p=0.6), "p", "0.6"),
+  (dict(p=-0.1), "p", "-0.1"),
+  (dict(p=float("nan")), "p", "nan"),
+  (dict(p=float("inf")), "p", "inf"),
+  (dict(b1=1.0), "b1", "1.0"),
+  (dict(b1=-0.5), "b1", "-0.5"),
+  (dict(b2=1.5), "b2", "1.5"),
+  (dict(b2=float("nan")), "b2", "nan"),
+  (dict(eps=-1e-8), "eps", "-1e-08"),
+  (dict(weight_decay=-5e-4), "weight_decay", "-0.0005"),
 ]
 
 
@@ -177,7 +180,9 @@ def test_bad_input_is_rejected_when_built_with_a_clear_message(kwargs, name, sho
   assert "[" in str(excinfo.value) or "(" in str(excinfo.value)  # the valid range is named
 
 
-@pytest.mark.parametrize(("kwargs", "name", "shown"), [b for b in BAD_INPUTS if b[1] != "weight_decay"])
+@pytest.mark.parametrize(
+  ("kwargs", "name", "shown"), [b for b in BAD_INPUTS if b[1] != "weight_decay"]
+)
 def test_bad_input_is_rejected_by_the_transformation_too(kwargs, name, shown):
   with pytest.raises(ValueError, match=rf"^{name} must be"):
     padam_jax.scale_by_partial_amsgrad(**kwargs)

@@ -25,10 +25,13 @@ def magnitudes() -> np.ndarray:
   decades = np.logspace(-30, 4, 20_001)
   powers_of_two = np.ldexp(1.0, np.arange(-99, 14))
   # Mantissa edges: just below and at powers of two, and at sqrt(1/2) and sqrt(2).
-  edges = np.concatenate([
-      np.sqrt(0.5) * powers_of_two, 2 * np.sqrt(0.5) * powers_of_two,
+  edges = np.concatenate(
+    [
+      np.sqrt(0.5) * powers_of_two,
+      2 * np.sqrt(0.5) * powers_of_two,
       np.nextafter(powers_of_two.astype(np.float32), np.float32(0)),
-  ])
+    ]
+  )
   x = np.concatenate([[0.0, 0.0], decades, powers_of_two, edges]).astype(np.float32)
   return x[(x == 0) | ((x >= 1e-30) & (x <= 1e4))]
 
@@ -39,7 +42,7 @@ def reference(x: np.ndarray, q: float) -> np.ndarray:
   if q == 0:
     return np.ones_like(x64)
   with np.errstate(divide="ignore"):
-    return np.where(x64 == 0, np.inf, x64 ** -q)
+    return np.where(x64 == 0, np.inf, x64**-q)
 
 
 def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -138,7 +141,10 @@ def test_half_precision_keeps_dtype_and_accuracy(dtype, q):
   assert y.dtype == dtype
   # Rounding the input and the output to the narrow type: about one ulp each.
   eps = float(jnp.finfo(dtype).eps)
-  assert max_relative_error(np.asarray(y, np.float32), reference(np.asarray(x, np.float32), q)) <= 2 * eps
+  assert (
+    max_relative_error(np.asarray(y, np.float32), reference(np.asarray(x, np.float32), q))
+    <= 2 * eps
+  )
 
 
 def test_static_exponent_and_dyadic_bits():
@@ -160,13 +166,13 @@ def test_static_p_equals_injected_p(p, weight_decay):
   """A Python-number p (fast path) and the same p traced by inject_hyperparams agree."""
   rng = np.random.default_rng(0)
   params = {
-      "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-      "b": jnp.asarray(rng.normal(size=(3,)) * 1e-3, jnp.float32),
+    "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(3,)) * 1e-3, jnp.float32),
   }
   static = padam_jax.padam(learning_rate=0.1, p=p, weight_decay=weight_decay)
   # Only p is injected: injected b1, b2 would be float32 numbers, not the same rule.
   injected = optax.inject_hyperparams(
-      padam_jax.padam, static_args=("learning_rate", "b1", "b2", "eps", "weight_decay")
+    padam_jax.padam, static_args=("learning_rate", "b1", "b2", "eps", "weight_decay")
   )(learning_rate=0.1, p=p, weight_decay=weight_decay)
   static_update = jax.jit(static.update)
   injected_update = jax.jit(injected.update)
@@ -174,17 +180,20 @@ def test_static_p_equals_injected_p(p, weight_decay):
   static_ops = primitives(static_update, params, static.init(params), params)
   injected_ops = primitives(injected_update, params, injected.init(params), params)
   # The range reduction of the exp/log form rounds; the square-root chain does not.
-  assert "round" in injected_ops and ("round" in static_ops) == (p not in (0.0, 1 / 8, 3 / 8, 1 / 2))
+  assert "round" in injected_ops and ("round" in static_ops) == (
+    p not in (0.0, 1 / 8, 3 / 8, 1 / 2)
+  )
   static_state, injected_state = static.init(params), injected.init(params)
   for step in range(6):
     # Gradients over many decades, exact zeros included.
     grads = jax.tree.map(
-        lambda x, step=step: jnp.asarray(
-            rng.normal(size=x.shape) * 10.0 ** rng.uniform(-12, 2, size=x.shape)
-            * (rng.uniform(size=x.shape) > 0.2 * (step % 2)),
-            jnp.float32,
-        ),
-        params,
+      lambda x, step=step: jnp.asarray(
+        rng.normal(size=x.shape)
+        * 10.0 ** rng.uniform(-12, 2, size=x.shape)
+        * (rng.uniform(size=x.shape) > 0.2 * (step % 2)),
+        jnp.float32,
+      ),
+      params,
     )
     a, static_state = static_update(grads, static_state, params)
     b, injected_state = injected_update(grads, injected_state, params)
@@ -203,7 +212,7 @@ def test_injected_with_static_p_is_the_fixed_step():
   fixed = padam_jax.padam(learning_rate=0.1, p=1 / 8, weight_decay=5e-4)
   # The learning rate stays injected (it can be read and changed); p, b1, b2, eps stay numbers.
   injected = optax.inject_hyperparams(padam_jax.padam, static_args=("p", "b1", "b2", "eps"))(
-      learning_rate=0.1, p=1 / 8, weight_decay=5e-4
+    learning_rate=0.1, p=1 / 8, weight_decay=5e-4
   )
   fixed_update, injected_update = jax.jit(fixed.update), jax.jit(injected.update)
   fixed_state, injected_state = fixed.init(params), injected.init(params)

@@ -23,10 +23,10 @@ import padam_jax
 
 # The strict-promotion fixture of conftest.py wraps every example of a test.
 SETTINGS = settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+  max_examples=40,
+  deadline=None,
+  database=None,
+  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64]
@@ -36,8 +36,8 @@ SHAPES = [(3,), (2, 2)]
 
 # Invalid values among valid ones: each optimizer must reject them when built.
 P = st.one_of(
-    st.floats(0.0, 0.5),
-    st.sampled_from([-0.1, 0.6, float("nan"), "a", None, np.array([0.1, 0.2]), np.array(0.25)]),
+  st.floats(0.0, 0.5),
+  st.sampled_from([-0.1, 0.6, float("nan"), "a", None, np.array([0.1, 0.2]), np.array(0.25)]),
 )
 EPS = st.sampled_from([0.0, 1e-8, 1e-6, 1e-3, -1e-8])
 DECAY = st.sampled_from([0.0, 0.5, 0.9, 0.999, 1.0])
@@ -45,37 +45,59 @@ WEIGHT_DECAY = st.sampled_from([0.0, 1e-4, 0.1, -1e-3])
 LEARNING_RATE = st.sampled_from([1e-3, 0.1, 1.0])
 
 OPTIMIZERS = {
-    "padam": lambda d: padam_jax.padam(
-        d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY),
-        bias_correction=d(st.booleans()),
-    ),
-    "padamw": lambda d: padam_jax.padamw(
-        d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY)
-    ),
-    "partial_adam": lambda d: padam_jax.partial_adam(
-        d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY),
-        bias_correction=d(st.booleans()),
-    ),
-    "partial_adamax": lambda d: padam_jax.partial_adamax(
-        d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY)
-    ),
-    "partial_rmsprop": lambda d: padam_jax.partial_rmsprop(
-        d(LEARNING_RATE), d(P), d(DECAY), d(EPS), d(st.sampled_from([0.0, 0.1])),
-        d(st.sampled_from([None, 0.9])), d(st.booleans()), d(WEIGHT_DECAY),
-    ),
-    "partial_adagrad": lambda d: padam_jax.partial_adagrad(
-        d(LEARNING_RATE), d(P), d(st.sampled_from([0.0, 0.1])), d(EPS), d(WEIGHT_DECAY)
-    ),
-    "partial_adadelta": lambda d: padam_jax.partial_adadelta(
-        d(LEARNING_RATE), d(P), d(DECAY), d(EPS), d(WEIGHT_DECAY)
-    ),
-    "adabound": lambda d: padam_jax.adabound(
-        d(LEARNING_RATE), d(st.sampled_from([0.0, 0.1])), d(DECAY), d(DECAY), d(EPS),
-        d(st.sampled_from([1e-3, 0.0])), d(WEIGHT_DECAY), amsbound=d(st.booleans()),
-    ),
-    "anneal_p": lambda d: padam_jax.padam(
-        0.1, padam_jax.anneal_p(d(st.sampled_from([1, 3, 0])), d(P), d(P))
-    ),
+  "padam": lambda d: padam_jax.padam(
+    d(LEARNING_RATE),
+    d(P),
+    d(DECAY),
+    d(DECAY),
+    d(EPS),
+    d(WEIGHT_DECAY),
+    bias_correction=d(st.booleans()),
+  ),
+  "padamw": lambda d: padam_jax.padamw(
+    d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY)
+  ),
+  "partial_adam": lambda d: padam_jax.partial_adam(
+    d(LEARNING_RATE),
+    d(P),
+    d(DECAY),
+    d(DECAY),
+    d(EPS),
+    d(WEIGHT_DECAY),
+    bias_correction=d(st.booleans()),
+  ),
+  "partial_adamax": lambda d: padam_jax.partial_adamax(
+    d(LEARNING_RATE), d(P), d(DECAY), d(DECAY), d(EPS), d(WEIGHT_DECAY)
+  ),
+  "partial_rmsprop": lambda d: padam_jax.partial_rmsprop(
+    d(LEARNING_RATE),
+    d(P),
+    d(DECAY),
+    d(EPS),
+    d(st.sampled_from([0.0, 0.1])),
+    d(st.sampled_from([None, 0.9])),
+    d(st.booleans()),
+    d(WEIGHT_DECAY),
+  ),
+  "partial_adagrad": lambda d: padam_jax.partial_adagrad(
+    d(LEARNING_RATE), d(P), d(st.sampled_from([0.0, 0.1])), d(EPS), d(WEIGHT_DECAY)
+  ),
+  "partial_adadelta": lambda d: padam_jax.partial_adadelta(
+    d(LEARNING_RATE), d(P), d(DECAY), d(EPS), d(WEIGHT_DECAY)
+  ),
+  "adabound": lambda d: padam_jax.adabound(
+    d(LEARNING_RATE),
+    d(st.sampled_from([0.0, 0.1])),
+    d(DECAY),
+    d(DECAY),
+    d(EPS),
+    d(st.sampled_from([1e-3, 0.0])),
+    d(WEIGHT_DECAY),
+    amsbound=d(st.booleans()),
+  ),
+  "anneal_p": lambda d: padam_jax.padam(
+    0.1, padam_jax.anneal_p(d(st.sampled_from([1, 3, 0])), d(P), d(P))
+  ),
 }
 
 
@@ -92,9 +114,12 @@ def leaves(draw, dtype):
   shape = draw(st.sampled_from(SHAPES))
   real_dtype = jnp.finfo(dtype).dtype
   values = st.sampled_from(special_values(real_dtype))
+
   def draw_part():
-    return np.array(draw(st.lists(values, min_size=int(np.prod(shape)),
-                                  max_size=int(np.prod(shape)))), np.float64).reshape(shape)
+    return np.array(
+      draw(st.lists(values, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))), np.float64
+    ).reshape(shape)
+
   array = draw_part() + 1j * draw_part() if dtype == jnp.complex64 else draw_part()
   return jnp.asarray(array, dtype)
 
@@ -136,5 +161,6 @@ def test_optimizer_rejects_bad_hyperparameters_or_gives_finite_updates(name, dat
   assert jax.tree.structure(updates, is_leaf=is_none) == jax.tree.structure(grads, is_leaf=is_none)
   for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True):
     assert u.dtype == g.dtype and u.shape == g.shape
-    assert np.all(np.isfinite(np.asarray(u.astype(jnp.complex64 if u.dtype == jnp.complex64
-                                                  else jnp.float32)))), (u, g)
+    assert np.all(
+      np.isfinite(np.asarray(u.astype(jnp.complex64 if u.dtype == jnp.complex64 else jnp.float32)))
+    ), (u, g)

@@ -21,12 +21,25 @@ BUILD = dict(steps_per_epoch=391, epochs=200, batch_size=128, train_size=50_000)
 
 def test_names_and_tasks():
   assert optimizers.PAPER_OPTIMIZERS == (
-      "sgdm", "adam", "amsgrad", "adamw", "yogi", "adabound", "padam"
+    "sgdm",
+    "adam",
+    "amsgrad",
+    "adamw",
+    "yogi",
+    "adabound",
+    "padam",
   )
   assert optimizers.TASKS == ("cifar10", "ptb2", "ptb3")
   assert set(optimizers.PAPER_OPTIMIZERS) < set(optimizers.NAMES)
-  for extra in ("amsbound", "partial_adam", "partial_rmsprop", "partial_adagrad",
-                "partial_adamax", "partial_adadelta", "padamw"):
+  for extra in (
+    "amsbound",
+    "partial_adam",
+    "partial_rmsprop",
+    "partial_adagrad",
+    "partial_adamax",
+    "partial_adadelta",
+    "padamw",
+  ):
     assert extra in optimizers.NAMES
   assert len(set(optimizers.NAMES)) == len(optimizers.NAMES)
 
@@ -75,24 +88,24 @@ def test_bad_step_counts_are_rejected(bad):
 
 # Section 5 of the paper, transcribed independently of the registry's table.
 PAPER = {
-    ("cifar10", "sgdm"): dict(learning_rate=0.1, momentum=0.9),
-    ("cifar10", "adam"): dict(learning_rate=1e-3, b1=0.9, b2=0.99),
-    ("cifar10", "amsgrad"): dict(learning_rate=1e-3, b1=0.9, b2=0.99),
-    ("cifar10", "adamw"): dict(learning_rate=1e-3, b2=0.999, weight_decay_normalized=0.025),
-    ("cifar10", "yogi"): dict(learning_rate=1e-3, b2=0.999, eps=1e-3),
-    ("cifar10", "adabound"): dict(learning_rate=1e-3, final_lr=0.1, b2=0.999),
-    ("cifar10", "padam"): dict(learning_rate=0.1, p=0.125, b2=0.999),
-    ("ptb2", "sgdm"): dict(learning_rate=1.0, momentum=0.9),
-    ("ptb2", "adam"): dict(learning_rate=1e-3, b2=0.999),
-    ("ptb2", "amsgrad"): dict(learning_rate=1e-3, b2=0.999),
-    ("ptb2", "adamw"): dict(learning_rate=1e-3, weight_decay_normalized=4e-4),
-    ("ptb2", "yogi"): dict(learning_rate=0.01, eps=1e-3),
-    ("ptb2", "adabound"): dict(learning_rate=1e-3, final_lr=10.0),
-    ("ptb2", "padam"): dict(learning_rate=0.01, p=0.4),
-    ("ptb3", "sgdm"): dict(learning_rate=10.0, momentum=0.9),
-    ("ptb3", "yogi"): dict(learning_rate=0.1),
-    ("ptb3", "adabound"): dict(final_lr=100.0),
-    ("ptb3", "padam"): dict(learning_rate=1.0, p=0.2),
+  ("cifar10", "sgdm"): dict(learning_rate=0.1, momentum=0.9),
+  ("cifar10", "adam"): dict(learning_rate=1e-3, b1=0.9, b2=0.99),
+  ("cifar10", "amsgrad"): dict(learning_rate=1e-3, b1=0.9, b2=0.99),
+  ("cifar10", "adamw"): dict(learning_rate=1e-3, b2=0.999, weight_decay_normalized=0.025),
+  ("cifar10", "yogi"): dict(learning_rate=1e-3, b2=0.999, eps=1e-3),
+  ("cifar10", "adabound"): dict(learning_rate=1e-3, final_lr=0.1, b2=0.999),
+  ("cifar10", "padam"): dict(learning_rate=0.1, p=0.125, b2=0.999),
+  ("ptb2", "sgdm"): dict(learning_rate=1.0, momentum=0.9),
+  ("ptb2", "adam"): dict(learning_rate=1e-3, b2=0.999),
+  ("ptb2", "amsgrad"): dict(learning_rate=1e-3, b2=0.999),
+  ("ptb2", "adamw"): dict(learning_rate=1e-3, weight_decay_normalized=4e-4),
+  ("ptb2", "yogi"): dict(learning_rate=0.01, eps=1e-3),
+  ("ptb2", "adabound"): dict(learning_rate=1e-3, final_lr=10.0),
+  ("ptb2", "padam"): dict(learning_rate=0.01, p=0.4),
+  ("ptb3", "sgdm"): dict(learning_rate=10.0, momentum=0.9),
+  ("ptb3", "yogi"): dict(learning_rate=0.1),
+  ("ptb3", "adabound"): dict(final_lr=100.0),
+  ("ptb3", "padam"): dict(learning_rate=1.0, p=0.2),
 }
 
 
@@ -110,16 +123,16 @@ def test_coupled_l2_on_cifar_only():
 
 
 @pytest.mark.parametrize(
-    ("steps_per_epoch", "epochs"), [(391, 200), (10, 20), (1, 3), (1, 1), (7, 1)]
+  ("steps_per_epoch", "epochs"), [(391, 200), (10, 20), (1, 3), (1, 1), (7, 1)]
 )
 def test_schedule_decays_at_half_and_three_quarters(steps_per_epoch, epochs):
   total = steps_per_epoch * epochs
   setup = optimizers.make_optimizer(
-      "padam", "cifar10", steps_per_epoch=steps_per_epoch, epochs=epochs
+    "padam", "cifar10", steps_per_epoch=steps_per_epoch, epochs=epochs
   )
   first, second = int(0.5 * total), int(0.75 * total)
   assert setup.hyperparams["decay_boundaries"] == (
-      [[first, 0.1 * 0.1]] if first == second else [[first, 0.1], [second, 0.1]]
+    [[first, 0.1 * 0.1]] if first == second else [[first, 0.1], [second, 0.1]]
   )
   for step in sorted({0, first - 1, first, second - 1, second, total - 1, total + 5}):
     if step < 0:
@@ -139,7 +152,7 @@ def test_schedule_milestones_for_the_paper_run():
 
 def test_learning_rate_and_overrides_are_used_and_logged():
   setup = optimizers.make_optimizer(
-      "padam", "cifar10", learning_rate=0.05, p=0.25, weight_decay=0.0, **BUILD
+    "padam", "cifar10", learning_rate=0.05, p=0.25, weight_decay=0.0, **BUILD
   )
   assert setup.hyperparams["learning_rate"] == 0.05
   assert setup.hyperparams["p"] == 0.25
@@ -158,7 +171,7 @@ def test_adamw_normalized_weight_decay_value():
   assert logged["weight_decay"] == pytest.approx(expected, rel=1e-12)
   assert logged["weight_decay"] == pytest.approx(8.944e-5, rel=1e-3)  # the magnitude, by hand
   ptb = optimizers.make_optimizer(
-      "adamw", "ptb2", steps_per_epoch=10, epochs=200, batch_size=20, train_size=46_479
+    "adamw", "ptb2", steps_per_epoch=10, epochs=200, batch_size=20, train_size=46_479
   ).hyperparams
   assert ptb["weight_decay"] == pytest.approx(4e-4 * math.sqrt(20 / (46_479 * 200)), rel=1e-12)
 
@@ -167,7 +180,7 @@ def test_adamw_normalized_weight_decay_value():
 def test_adamw_decay_follows_the_schedule_multiplier():
   # Zero gradients leave only the decoupled decay: x <- x - (lr_t / lr_0) * lambda * x.
   setup = optimizers.make_optimizer(
-      "adamw", "cifar10", steps_per_epoch=2, epochs=4, batch_size=128, train_size=50_000
+    "adamw", "cifar10", steps_per_epoch=2, epochs=4, batch_size=128, train_size=50_000
   )
   lam = setup.hyperparams["weight_decay"]
   x = np.array([1.0, -2.0, 3.0], np.float32)
@@ -183,7 +196,7 @@ def test_adamw_needs_sizes_unless_weight_decay_is_given():
   with pytest.raises(ValueError, match="batch_size and train_size"):
     optimizers.make_optimizer("adamw", "cifar10", steps_per_epoch=10, epochs=2)
   setup = optimizers.make_optimizer(
-      "adamw", "cifar10", steps_per_epoch=10, epochs=2, weight_decay=1e-4
+    "adamw", "cifar10", steps_per_epoch=10, epochs=2, weight_decay=1e-4
   )
   assert setup.hyperparams["weight_decay"] == 1e-4
 
@@ -206,7 +219,7 @@ def test_sgdm_is_pytorch_sgd_with_coupled_l2_and_the_schedule():
 
 def test_amsgrad_is_the_max_of_the_raw_second_moment():
   setup = optimizers.make_optimizer(
-      "amsgrad", "cifar10", steps_per_epoch=100, epochs=1, weight_decay=0.0
+    "amsgrad", "cifar10", steps_per_epoch=100, epochs=1, weight_decay=0.0
   )
   ref = PadamReference(0.5, b2=0.99)
   params = jnp.zeros(1)

@@ -12,13 +12,17 @@ from examples import metrics
 pytestmark = pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
 
 TINY = reproduce.Protocol(
-    name="tiny",
-    task="cifar10",
-    setting="tiny",
-    config=dict(model="resnet8_w0.5", train_size=20, test_size=10, batch_size=10, epochs=2,
-                eval_batch_size=10),
-    variants=(reproduce.Variant("sgdm", "sgdm"), reproduce.Variant("padam p=1/4", "padam", {"p": 0.25})),
-    paper=("paper: ResNet-18", reproduce.PAPER_CIFAR10_ACC["resnet18"]),
+  name="tiny",
+  task="cifar10",
+  setting="tiny",
+  config=dict(
+    model="resnet8_w0.5", train_size=20, test_size=10, batch_size=10, epochs=2, eval_batch_size=10
+  ),
+  variants=(
+    reproduce.Variant("sgdm", "sgdm"),
+    reproduce.Variant("padam p=1/4", "padam", {"p": 0.25}),
+  ),
+  paper=("paper: ResNet-18", reproduce.PAPER_CIFAR10_ACC["resnet18"]),
 )
 
 
@@ -34,22 +38,39 @@ def test_grid_resumes_an_interrupted_run_and_skips_a_finished_one(tmp_path, data
   root = tmp_path / "results"
   one = dataclasses.replace(TINY, variants=TINY.variants[:1])
   overrides = {"devices": 1}
-  reproduce.run_grid(one, seeds=1, data_dir=data_dir, root=root, progress=False,
-                     overrides={**overrides, "stop_after_epoch": 1})
+  reproduce.run_grid(
+    one,
+    seeds=1,
+    data_dir=data_dir,
+    root=root,
+    progress=False,
+    overrides={**overrides, "stop_after_epoch": 1},
+  )
   assert "running or interrupted (1/2 epochs)" in (root / "tiny" / "table.md").read_text()
-  reproduce.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
+  reproduce.run_grid(
+    one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False
+  )
   assert "resuming" in capsys.readouterr().out
   assert len(metrics.read_metrics(reproduce.run_dir(one, one.variants[0], 0, root))) == 2
-  reproduce.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
+  reproduce.run_grid(
+    one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False
+  )
   assert "finished, skipped" in capsys.readouterr().out
 
 
 def fake_history(epochs, final_acc, seed):
   rng = np.random.default_rng(seed)
   return [
-      {"epoch": e, "step": 10 * e, "lr": 0.1, "train_loss": float(rng.uniform(0.1, 2.0)),
-       "train_acc": 0.5, "test_loss": 1.0, "test_acc": final_acc if e == epochs else float(rng.uniform())}
-      for e in range(1, epochs + 1)
+    {
+      "epoch": e,
+      "step": 10 * e,
+      "lr": 0.1,
+      "train_loss": float(rng.uniform(0.1, 2.0)),
+      "train_acc": 0.5,
+      "test_loss": 1.0,
+      "test_acc": final_acc if e == epochs else float(rng.uniform()),
+    }
+    for e in range(1, epochs + 1)
   ]
 
 
@@ -66,11 +87,15 @@ def test_table_and_figure_come_from_the_metrics_files(tmp_path):
 
   reproduce.write_report(TINY, seeds=2, root=root)
   table = (root / "tiny" / "table.md").read_text()
-  rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+  rows = {
+    line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")
+  }
   cells = [c.strip() for c in rows["sgdm"].strip("|").split("|")]
   histories = [metrics.read_metrics(reproduce.run_dir(TINY, sgdm, s, root)) for s in (0, 1)]
   final = [100 * h[-1]["test_acc"] for h in histories]
-  assert cells[1] == f"**{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}**"  # the only finished row
+  assert (
+    cells[1] == f"**{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}**"
+  )  # the only finished row
   losses = [h[-1]["train_loss"] for h in histories]
   assert cells[3] == f"{np.mean(losses):.3f} ± {np.std(losses, ddof=1):.3f}"
   assert cells[5] == "2"
@@ -90,8 +115,11 @@ def test_protocols_that_share_a_setting_share_identical_runs():
   mini, sweep = reproduce.PROTOCOLS["cifar10-mini"], reproduce.PROTOCOLS["psweep-mini"]
   assert mini.setting == sweep.setting and mini.config == sweep.config
   dirs = {reproduce.run_dir(mini, v, 0): v for v in mini.variants}
-  shared = [(dirs[reproduce.run_dir(sweep, v, 0)], v) for v in sweep.variants
-            if reproduce.run_dir(sweep, v, 0) in dirs]
+  shared = [
+    (dirs[reproduce.run_dir(sweep, v, 0)], v)
+    for v in sweep.variants
+    if reproduce.run_dir(sweep, v, 0) in dirs
+  ]
   assert sorted(a.optimizer for a, _ in shared) == ["padam", "sgdm"]
   for a, b in shared:  # the same folder only for the same optimizer and hyperparameters
     assert (a.optimizer, dict(a.hparams)) == (b.optimizer, dict(b.hparams))

@@ -25,14 +25,18 @@ P_SCHEDULE = padam_jax.anneal_p(4, init_p=0.5, end_p=0.125)
 # the schedule for p.
 NOT_OPTIMIZERS = {"__version__", "anneal_p"}
 OPTIMIZERS = sorted(
-    name for name in padam_jax.__all__
-    if name not in NOT_OPTIMIZERS and not isinstance(getattr(padam_jax, name), type)
+  name
+  for name in padam_jax.__all__
+  if name not in NOT_OPTIMIZERS and not isinstance(getattr(padam_jax, name), type)
 )
 CASES = [
-    (name, p_kind)
-    for name in OPTIMIZERS
-    for p_kind in (("number", "schedule")
-                   if "p" in inspect.signature(getattr(padam_jax, name)).parameters else ("-",))
+  (name, p_kind)
+  for name in OPTIMIZERS
+  for p_kind in (
+    ("number", "schedule")
+    if "p" in inspect.signature(getattr(padam_jax, name)).parameters
+    else ("-",)
+  )
 ]
 SPECS = {"w": PartitionSpec("fsdp", None), "b": PartitionSpec()}
 
@@ -105,7 +109,10 @@ def test_init_on_abstract_parameters(name, p_kind):
 def assert_follows(state, shardings: dict) -> None:
   for parameter, leaf in per_parameter_leaves(state):
     assert leaf.sharding.is_equivalent_to(shardings[parameter], leaf.ndim), (
-        parameter, leaf.sharding, shardings[parameter])
+      parameter,
+      leaf.sharding,
+      shardings[parameter],
+    )
   for leaf in jax.tree.leaves(state):
     if leaf.ndim == 0:
       assert leaf.sharding.is_fully_replicated
@@ -127,7 +134,7 @@ def test_state_follows_the_parameters_sharding(name, p_kind):
   # for Optax's own optimizers: the state is placed through out_shardings, by parameter.
   replicated = NamedSharding(mesh(AxisType.Auto), PartitionSpec())
   state_shardings = jax.tree_util.tree_map_with_path(
-      lambda path, _: shardings.get(parameter_of(path), replicated), jax.eval_shape(tx.init, params)
+    lambda path, _: shardings.get(parameter_of(path), replicated), jax.eval_shape(tx.init, params)
   )
   jit_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
   assert_follows(jit_state, shardings)
@@ -151,7 +158,7 @@ def test_state_follows_the_parameters_sharding_with_explicit_axes(name, p_kind):
   with jax.set_mesh(explicit):
     params, grads = params_and_grads(shardings)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
     )
     for parameter, leaf in per_parameter_leaves(jax.eval_shape(tx.init, abstract)):
       assert same_spec(leaf.sharding.spec, SPECS[parameter], leaf.ndim), (parameter, leaf.sharding)

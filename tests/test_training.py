@@ -23,7 +23,6 @@ TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "examples_per_second
 
 
 class ToyNet(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.dense = nnx.Linear(8, 16, rngs=rngs)
     self.norm = nnx.BatchNorm(16, rngs=rngs)
@@ -78,24 +77,31 @@ class ToyTask(training.Task):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     count = jnp.asarray(batch["y"].shape[0], jnp.float32)
     sums = {
-        "loss": jnp.sum(losses),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)),
-        "carry": jnp.sum(carry),
-        "count": count,
+      "loss": jnp.sum(losses),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)),
+      "carry": jnp.sum(carry),
+      "count": count,
     }
     return sums["loss"] / count, (carry + 1.0, sums)
 
   def evaluate(self, evaluator):
-    batches = [{"x": jnp.asarray(self.x[i : i + 32]), "y": jnp.asarray(self.y[i : i + 32])}
-               for i in range(0, self.train_size, 32)]
+    batches = [
+      {"x": jnp.asarray(self.x[i : i + 32]), "y": jnp.asarray(self.y[i : i + 32])}
+      for i in range(0, self.train_size, 32)
+    ]
     sums = evaluator.run(batches, carry=jnp.zeros((32,), jnp.float32))
-    return {"test_loss": sums["loss"] / sums["count"], "test_acc": sums["correct"] / sums["count"],
-            # The eval carry runs 0, 1, ... over the stream: its sum shows it is threaded through.
-            "eval_carry": sums["carry"] / sums["count"]}
+    return {
+      "test_loss": sums["loss"] / sums["count"],
+      "test_acc": sums["correct"] / sums["count"],
+      # The eval carry runs 0, 1, ... over the stream: its sum shows it is threaded through.
+      "eval_carry": sums["carry"] / sums["count"],
+    }
 
 
 def config(tmp_path, name="run", **kwargs):
-  base = dict(optimizer="padam", epochs=2, batch_size=16, workdir=str(tmp_path / name), progress=False)
+  base = dict(
+    optimizer="padam", epochs=2, batch_size=16, workdir=str(tmp_path / name), progress=False
+  )
   return training.LoopConfig(**{**base, **kwargs})
 
 
@@ -108,8 +114,15 @@ def test_history_and_metrics_file(tmp_path):
   history = training.train(ToyTask(), cfg)
   assert [r["epoch"] for r in history] == [1, 2]
   assert [r["step"] for r in history] == [4, 8]
-  for key in ("lr", "train_loss", "train_correct", "test_loss", "test_acc", "epoch_seconds",
-              "examples_per_second"):
+  for key in (
+    "lr",
+    "train_loss",
+    "train_correct",
+    "test_loss",
+    "test_acc",
+    "epoch_seconds",
+    "examples_per_second",
+  ):
     assert all(np.isfinite(r[key]) for r in history), key
   assert metrics.read_metrics(cfg.workdir) == history
   run = metrics.read_run(cfg.workdir)
@@ -213,8 +226,10 @@ def test_plot_reads_metrics_and_writes_png(tmp_path):
 
   for name, loss in (("a", 2.0), ("b", 1.5)):
     (tmp_path / name).mkdir()
-    metrics.write_metrics(tmp_path / name, [
-        {"epoch": e, "train_loss": loss / e, "test_acc": 0.1 * e} for e in (1, 2, 3)])
+    metrics.write_metrics(
+      tmp_path / name,
+      [{"epoch": e, "train_loss": loss / e, "test_acc": 0.1 * e} for e in (1, 2, 3)],
+    )
   out = tmp_path / "fig" / "curves.png"
   plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--labels", "A", "B"])
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -232,12 +247,19 @@ def test_plot_draws_seed_groups_as_mean_and_range(tmp_path, monkeypatch):
 
   for name, scale, epochs in (("s0", 1.0, 4), ("s1", 3.0, 3), ("other", 2.0, 4)):
     (tmp_path / name).mkdir()
-    metrics.write_metrics(tmp_path / name, [
-        {"epoch": e, "train_loss": scale / e, "test_acc": 0.1 * scale * e} for e in range(1, epochs + 1)])
+    metrics.write_metrics(
+      tmp_path / name,
+      [
+        {"epoch": e, "train_loss": scale / e, "test_acc": 0.1 * scale * e}
+        for e in range(1, epochs + 1)
+      ],
+    )
   figures = []
   monkeypatch.setattr(plt, "close", figures.append)
   out = tmp_path / "curves.png"
-  plot.plot([[tmp_path / "s0", tmp_path / "s1"], str(tmp_path / "other")], str(out), ["grouped", "single"])
+  plot.plot(
+    [[tmp_path / "s0", tmp_path / "s1"], str(tmp_path / "other")], str(out), ["grouped", "single"]
+  )
   assert out.exists()
   left, right = figures[0].axes
   grouped, single = left.get_lines()
