@@ -76,7 +76,7 @@ class PoisonedTask(ToyTask):
 
 
 def test_non_finite_state_is_not_checkpointed_and_a_lower_lr_continues(tmp_path):
-  cfg = config(tmp_path, epochs=3)
+  cfg = config(tmp_path, epochs=3, devices=1)
   with pytest.raises(training.NonFiniteLossError, match="after epoch 2") as error:
     training.train(PoisonedTask(poison_epoch=2), cfg)
   message = str(error.value)
@@ -114,8 +114,10 @@ def _truncate(checkpoint):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_verified_one(tmp_path, capsys):
-  full = training.train(PoisonedTask(), config(tmp_path, "full", epochs=3))
-  cfg = config(tmp_path, epochs=3)
+  # One device: the fallback does not depend on the mesh (the resume tests of test_training.py
+  # restore onto several).
+  full = training.train(PoisonedTask(), config(tmp_path, "full", epochs=3, devices=1))
+  cfg = config(tmp_path, epochs=3, devices=1)
   training.train(PoisonedTask(), dataclasses.replace(cfg, stop_after_epoch=2))
   checkpoints = tmp_path / "run" / "checkpoints"
   resume = dataclasses.replace(cfg, resume=True)

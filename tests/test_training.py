@@ -146,9 +146,10 @@ def test_carry_is_threaded_and_reset_every_epoch(tmp_path):
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
-  a = training.train(ToyTask(), config(tmp_path, "a", epochs=1))
-  b = training.train(ToyTask(), config(tmp_path, "b", epochs=1))
-  c = training.train(ToyTask(), config(tmp_path, "c", epochs=1, seed=1))
+  # One device: the same run on one device as on eight is test_eight_devices_match_one's point.
+  a = training.train(ToyTask(), config(tmp_path, "a", epochs=1, devices=1))
+  b = training.train(ToyTask(), config(tmp_path, "b", epochs=1, devices=1))
+  c = training.train(ToyTask(), config(tmp_path, "c", epochs=1, seed=1, devices=1))
   assert without_timing(a) == without_timing(b)
   assert without_timing(a) != without_timing(c)
 
@@ -180,14 +181,14 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  cfg = config(tmp_path, epochs=3)
+  cfg = config(tmp_path, epochs=3, devices=1)
   with pytest.raises(training.NonFiniteLossError, match="epoch 2") as error:
     training.train(ToyTask(poison_epoch=2), cfg)
   assert "epoch 1" in str(error.value)  # the checkpoint kept
   assert [r["epoch"] for r in metrics.read_metrics(cfg.workdir)] == [1]
   # The kept checkpoint resumes (here with clean data) to the uninterrupted result.
   resumed = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
-  full = training.train(ToyTask(), config(tmp_path, "full", epochs=3))
+  full = training.train(ToyTask(), config(tmp_path, "full", epochs=3, devices=1))
   assert without_timing(resumed) == without_timing(full)
 
 
