@@ -9,10 +9,20 @@ that is not written for strict promotion opt out with
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+# Many tests compile the same small programs again (a run and its resumption, a trainer run in a
+# subprocess): JAX's persistent compilation cache, in a folder of this test session only (the
+# variables reach the subprocesses too), compiles each of them once.
+os.environ["PADAM_JAX_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="padam-jax-tests-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["PADAM_JAX_TESTS_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax
 import pytest
@@ -22,6 +32,10 @@ def pytest_configure(config):
   config.addinivalue_line(
     "markers", "standard_promotion: run with JAX's default dtype/rank promotion"
   )
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(os.environ["PADAM_JAX_TESTS_XLA_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
