@@ -239,7 +239,9 @@ def scale_by_partial_accumulator(
 
     def step(g, s):
       denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
-      guard_zero = eps_may_be_zero(eps, s.dtype) and eps_may_be_zero(initial_value, s.dtype)
+      # Not only from the start: a moving average with decay 0, or an initial value that decays
+      # below the dtype's range, reaches 0 again.
+      guard_zero = eps_may_be_zero(eps, s.dtype)
       return partial_divide(like_moment(g, s.dtype), denom, exponent, guard_zero=guard_zero)
 
     steps = jax.tree.map(step, updates, accumulator)

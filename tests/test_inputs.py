@@ -186,3 +186,17 @@ def test_p_schedule_outside_the_range_is_clipped(name, scheduled, clipped):
   expected, _ = run(ALIASES[name](p=clipped), [jnp.asarray(g) for g in GRADS], jnp.asarray(PARAMS))
   for u, e in zip(updates, expected, strict=True):
     np.testing.assert_allclose(u, e, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_rmsprop_accumulator_back_at_zero_gives_a_zero_update(dtype, decay):
+  """eps = 0 and an initial value: with decay 0, or once the initial value has decayed below the
+  dtype's range, a zero gradient meets a zero accumulator, and 0/0 must be no step."""
+  tx = padam_jax.partial_rmsprop(1e-3, p=0.5, decay=decay, eps=0.0, initial_scale=0.1)
+  params = {"a": jnp.zeros(3, dtype)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(200):  # 0.1 * 0.5**200 is 0 in float16 and float32
+    updates, state = update(params, state, params)
+  np.testing.assert_array_equal(np.asarray(updates["a"], np.float32), np.zeros(3, np.float32))
