@@ -37,7 +37,7 @@ def initial_params(seed: int = 1) -> dict[str, np.ndarray]:
 
 
 class PadamReference:
-  """The authors' reference rule (REFERENCE.md §1) in float64, one leaf at a time.
+  """The authors' reference rule (docs/update-rule.md) in float64, one leaf at a time.
 
   x <- x - lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(vhat) + eps)^(2p), with the
   gradient g + wd * x (coupled L2) and vhat the running max of the raw v.

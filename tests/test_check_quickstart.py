@@ -81,7 +81,7 @@ def test_malformed_tables_are_refused():
   ],
 )
 def test_the_committed_command_is_rerun_into_the_given_folder(command):
-  args = check_quickstart.rerun_command(command, pathlib.Path("/tmp/x"))
+  args = check_quickstart.rerun_command(command, pathlib.Path("rerun-out"))
   assert args[1:] == [
     "-m",
     "examples.quickstart",
@@ -90,7 +90,7 @@ def test_the_committed_command_is_rerun_into_the_given_folder(command):
     "--seed",
     "0",
     "--out",
-    "/tmp/x",
+    "rerun-out",
   ]
   with pytest.raises(ValueError, match="not a quickstart command"):
-    check_quickstart.rerun_command("python -m examples.plot a --out b", pathlib.Path("/tmp/x"))
+    check_quickstart.rerun_command("python -m examples.plot a --out b", pathlib.Path("rerun-out"))
