@@ -298,10 +298,6 @@ def make_mesh(devices: int | None = None) -> jax.sharding.Mesh:
   )
 
 
-def _epoch_key(root: jax.Array, epoch: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(root, 1), epoch)
-
-
 def _to_saveable(leaf: Any) -> Any:
   # Orbax stores plain arrays; typed PRNG keys (e.g. a model's dropout stream) go as their raw data.
   if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):

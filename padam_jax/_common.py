@@ -144,8 +144,9 @@ def partial_divide(
   """``numerator / denominator ** two_p`` through :func:`padam_jax._power.inverse_power`.
 
   With ``guard_zero`` a zero denominator gives a zero result: the rules only
-  meet ``0 ** -q`` where every gradient so far was zero, so the numerator is
-  zero as well and ``0 / 0`` means "no step". The denominator is real; the
+  meet ``0 ** -q`` where the recent gradients were all zero (every one so far, or
+  all those a decayed accumulator still remembers), so the numerator is zero as
+  well and ``0 / 0`` means "no step". The denominator is real; the
   numerator may be complex. In float16 and bfloat16 the power and the product are
   taken in float32 (``1 / 1e-5`` overflows float16) and rounded once.
   """
