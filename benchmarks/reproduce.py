@@ -19,12 +19,14 @@ import argparse
 import dataclasses
 import math
 import pathlib
+import shlex
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks import tuning as tuning_
 from examples import metrics
 from examples.optimizers import PAPER_OPTIMIZERS
 
@@ -59,6 +61,8 @@ class Variant:
   run: str | None = (
     None  # the run folder's name when it is not the label's (a run shared by protocols)
   )
+  base_lr: float | None = None  # a tuned protocol's x1 rate, when not the registry's
+  rate_of: tuple[str, str] | None = None  # (protocol, label): use the rate chosen there, no grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Protocol:
     paper: the paper's number per optimizer for the same cell, and what that cell is.
     figure: ``"curves"`` (the paper's Figure 2) or ``"psweep"`` (its Figure 1).
     about: why this design, printed at the top of the table.
+    tuning: for a tuned protocol, how each variant's learning rate is chosen (see
+      :mod:`benchmarks.tuning`); None: the registry's rates.
+    compare: pairs of labels whose paired test-accuracy difference a tuned protocol reports.
   """
 
   name: str
@@ -86,6 +93,15 @@ class Protocol:
   paper: tuple[str, Mapping[str, float]] | None = None
   figure: str = "curves"
   about: str = ""
+  tuning: tuning_.Tuning | None = None
+  compare: tuple[tuple[str, str], ...] = ()
+
+  @property
+  def registry_task(self) -> str:
+    """The optimizer registry's task (its hyperparameters) for this protocol's runs."""
+    if self.task == "cifar10":
+      return "cifar10"
+    return "ptb3" if str(self.config.get("model", "")).startswith("lstm3") else "ptb2"
 
 
 def _seven() -> tuple[Variant, ...]:
@@ -118,6 +134,52 @@ _CIFAR10_MINI_ABOUT = (
   "the spread over seeds includes the choice of subset."
 )
 
+_CIFAR10_TUNED = dict(
+  model="resnet8",
+  train_size=1000,
+  val_size=1000,
+  batch_size=32,
+  epochs=240,
+  eval_batch_size=1000,
+  eval_every=4,
+  test_every=240,
+  checkpoint_every=4,
+)
+_CIFAR10_TUNED_ABOUT = (
+  "ResNet-8 on 1,000 class-balanced CIFAR-10 training images, as cifar10-mini (batch 32, 240 "
+  "epochs, x0.1 after epochs 120 and 180, the registry's other hyperparameters), but the learning "
+  "rate is tuned: a class-balanced validation split of 1,000 further training images (disjoint "
+  "from the 1,000) is evaluated every 4 epochs and after the last, and each optimizer's rate is "
+  "chosen among x1/3, x1 and x3 of its base rate by the final validation accuracy of seed 0 (the "
+  "grid grows by x3 past an edge that holds the best, up to x1/9 or x9); seeds 1 and 2 then run "
+  "at the chosen rate. The full 10,000-image test set is evaluated once, after the last epoch, "
+  "and nothing is chosen by it. A seed draws the initialization, augmentation, batch order, and "
+  "the training and validation subsets. Evaluating and checkpointing every 4 epochs instead of "
+  "every epoch saves time and changes no trained number."
+)
+# Padam's x1 rate per p: log-linear in p between the paper's two anchors, Padam's 0.1 at p = 1/8
+# and AMSGrad's 1e-3 at p = 1/2 (the step lr / vhat^p scales like vhat^-p).
+_P_RATES = {0.5: 1e-3, 0.25: 0.1 * 0.01 ** (1 / 3), 0.0625: 0.1 * 0.01 ** (-1 / 6)}
+_TUNED_GRID = tuning_.Tuning()
+
+
+def _tuned_four() -> tuple[Variant, ...]:
+  return tuple(Variant(name, name) for name in ("sgdm", "adam", "amsgrad", "padam"))
+
+
+def _gap_variants() -> tuple[Variant, ...]:
+  rate = ("cifar10-tuned", "padam")
+  return (
+    Variant("padam", "padam", rate_of=rate),
+    Variant("sgdm", "sgdm", rate_of=("cifar10-tuned", "sgdm")),
+    Variant("padamw", "padamw", {"weight_decay_normalized": 0.025}, rate_of=rate),
+    Variant("padam wd x2", "padam", {"weight_decay": 1e-3}, rate_of=rate),
+    Variant("padam wd x1/2", "padam", {"weight_decay": 2.5e-4}, rate_of=rate),
+    Variant("padam no bias correction", "padam", {"bias_correction": False}, rate_of=rate),
+    Variant("padam p annealed", "padam_annealed", rate_of=rate),
+  )
+
+
 PROTOCOLS: dict[str, Protocol] = {
   p.name: p
   for p in (
@@ -139,6 +201,65 @@ PROTOCOLS: dict[str, Protocol] = {
       variants=_P_SWEEP,
       figure="psweep",
       about="Padam's p on the cifar10-mini setting (the paper's Figure 1). " + _CIFAR10_MINI_ABOUT,
+    ),
+    Protocol(
+      name="cifar10-tuned",
+      task="cifar10",
+      setting="cifar10-tuned",
+      config=_CIFAR10_TUNED,
+      variants=_tuned_four(),
+      tuning=_TUNED_GRID,
+      compare=(("padam", "sgdm"), ("adam", "sgdm"), ("amsgrad", "sgdm"), ("padam", "adam")),
+      about=_CIFAR10_TUNED_ABOUT,
+    ),
+    Protocol(
+      name="psweep-tuned",
+      task="cifar10",
+      setting="cifar10-tuned",
+      config=_CIFAR10_TUNED,
+      variants=(
+        Variant("padam p=1/2", "padam", {"p": 0.5}, base_lr=_P_RATES[0.5]),
+        Variant("padam p=1/4", "padam", {"p": 0.25}, base_lr=_P_RATES[0.25]),
+        Variant("padam p=1/8", "padam", run="padam"),  # cifar10-tuned's runs
+        Variant("padam p=1/16", "padam", {"p": 0.0625}, base_lr=_P_RATES[0.0625]),
+        Variant("sgdm", "sgdm"),  # p -> 0; cifar10-tuned's runs
+      ),
+      tuning=dataclasses.replace(_TUNED_GRID, seeds=1),
+      figure="psweep",
+      about="Padam's p with the learning rate tuned per p, on the cifar10-tuned setting: each p's "
+      "grid is centred on a rate log-linear in p between the paper's Padam (0.1 at p = 1/8) and "
+      "AMSGrad (1e-3 at p = 1/2): 1e-3 at p = 1/2, 0.0215 at 1/4, 0.215 at 1/16. One seed by "
+      "default (the grid's); p = 1/8 and SGD-M share cifar10-tuned's runs. " + _CIFAR10_TUNED_ABOUT,
+    ),
+    Protocol(
+      name="padam-gap",
+      task="cifar10",
+      setting="cifar10-tuned",
+      config=_CIFAR10_TUNED,
+      variants=_gap_variants(),
+      seeds=2,
+      tuning=dataclasses.replace(_TUNED_GRID, seeds=2),
+      compare=(
+        ("padamw", "padam"),
+        ("padam wd x2", "padam"),
+        ("padam wd x1/2", "padam"),
+        ("padam no bias correction", "padam"),
+        ("padam p annealed", "padam"),
+        ("padam", "sgdm"),
+        ("padamw", "sgdm"),
+        ("padam wd x2", "sgdm"),
+        ("padam wd x1/2", "sgdm"),
+        ("padam no bias correction", "sgdm"),
+        ("padam p annealed", "sgdm"),
+      ),
+      about="What closes Padam's gap to SGD-M: at the rate cifar10-tuned chose for Padam, one "
+      "change at a time, 2 seeds each (seeds 0 and 1, paired with Padam's and SGD-M's "
+      "cifar10-tuned runs of the same seeds): decoupled weight decay (padamw, normalized as the "
+      "registry's AdamW: 0.025 sqrt(batch / (train size x epochs)) per step, following the "
+      "schedule), coupled L2 x2 (1e-3) and x1/2 (2.5e-4), no bias correction (the reference "
+      "applies Adam's), and p annealed linearly from 1/2 to 1/8 over the first quarter of the "
+      "steps while the rate rises log-linearly from 1/100 of the chosen rate to it (padam_annealed). "
+      + _CIFAR10_TUNED_ABOUT,
     ),
     Protocol(
       name="ptb-mini",
@@ -222,6 +343,85 @@ def _finished_epochs(workdir: pathlib.Path) -> int:
     return 0
 
 
+def _train_one(
+  protocol: Protocol,
+  config_fields: Mapping[str, Any],
+  variant: Variant,
+  seed: int,
+  workdir: pathlib.Path,
+  *,
+  data_dir: str | None,
+  progress: bool,
+  learning_rate: float | None = None,
+) -> None:
+  """Trains (or resumes) one run; a run that stops on a non-finite loss is reported, not raised
+  (its ``stopped.json`` records it; the grid goes on)."""
+  from examples import training
+
+  trainer = _trainer(protocol.task)
+  config = trainer.Config(
+    **config_fields,
+    optimizer=variant.optimizer,
+    hparams=dict(variant.hparams),
+    seed=seed,
+    workdir=str(workdir),
+    resume=True,
+    data_dir=data_dir,
+    progress=progress,
+    learning_rate=learning_rate,
+  )
+  start = time.perf_counter()
+  try:
+    trainer.train_and_evaluate(config)
+  except training.NonFiniteLossError as e:
+    print(f"  stopped: {e}", flush=True)
+  print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_tuned(
+  protocol: Protocol,
+  *,
+  seeds: int,
+  only: Sequence[str] = (),
+  data_dir: str | None = None,
+  root: pathlib.Path = RESULTS,
+  overrides: Mapping[str, Any] | None = None,
+  progress: bool = True,
+) -> None:
+  """Runs a tuned protocol's grids and seeds (:func:`benchmarks.tuning.plan`) until none is left."""
+  config_fields = {**protocol.config, **(overrides or {})}
+  while jobs := tuning_.plan(protocol, PROTOCOLS, root, seeds, only):
+    job = jobs[0]
+    done = _finished_epochs(job.workdir)
+    print(
+      f"[{protocol.name}] {job.variant.label} lr {job.learning_rate:.3g} seed {job.seed}: "
+      + ("resuming" if done else "starting")
+      + f" in {_shown(job.workdir)} ({len(jobs)} runnable now)",
+      flush=True,
+    )
+    _train_one(
+      protocol,
+      config_fields,
+      job.variant,
+      job.seed,
+      job.workdir,
+      data_dir=data_dir,
+      progress=progress,
+      learning_rate=job.learning_rate,
+    )
+    write_report(protocol, seeds=seeds, root=root)
+  for variant in protocol.variants:
+    if waiting := tuning_.grid(protocol, variant, PROTOCOLS, root).waiting:
+      print(f"[{protocol.name}] {variant.label} {waiting}", flush=True)
+
+
+def _shown(path: pathlib.Path) -> str:
+  try:
+    return str(path.resolve().relative_to(pathlib.Path.cwd()))
+  except ValueError:
+    return str(path)
+
+
 def run_grid(
   protocol: Protocol,
   *,
@@ -233,7 +433,17 @@ def run_grid(
   progress: bool = True,
 ) -> None:
   """Trains every (variant, seed) of ``protocol`` that is not finished, rewriting the report after each."""
-  trainer = _trainer(protocol.task)
+  if protocol.tuning is not None:
+    run_tuned(
+      protocol,
+      seeds=seeds,
+      only=only,
+      data_dir=data_dir,
+      root=root,
+      overrides=overrides,
+      progress=progress,
+    )
+    return
   config_fields = {**protocol.config, **(overrides or {})}
   epochs = config_fields["epochs"]
   variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
@@ -246,8 +456,9 @@ def run_grid(
     for variant in variants:
       workdir = run_dir(protocol, variant, seed, root)
       done = _finished_epochs(workdir)
-      if done >= epochs:
-        print(f"[{protocol.name}] {variant.label} seed {seed}: finished, skipped", flush=True)
+      if done >= epochs or metrics.read_stopped(workdir) is not None:
+        how = "finished" if done >= epochs else "stopped on a non-finite value"
+        print(f"[{protocol.name}] {variant.label} seed {seed}: {how}, skipped", flush=True)
         continue
       print(
         f"[{protocol.name}] {variant.label} seed {seed}: "
@@ -255,19 +466,9 @@ def run_grid(
         + f" in {workdir}",
         flush=True,
       )
-      start = time.perf_counter()
-      config = trainer.Config(
-        **config_fields,
-        optimizer=variant.optimizer,
-        hparams=dict(variant.hparams),
-        seed=seed,
-        workdir=str(workdir),
-        resume=True,
-        data_dir=data_dir,
-        progress=progress,
+      _train_one(
+        protocol, config_fields, variant, seed, workdir, data_dir=data_dir, progress=progress
       )
-      trainer.train_and_evaluate(config)
-      print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
       write_report(protocol, seeds=seeds, root=root)
 
 
@@ -446,9 +647,12 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
 
   out = root / protocol.name
   out.mkdir(parents=True, exist_ok=True)
+  default_seeds = protocol.tuning.seeds if protocol.tuning else protocol.seeds
   command = f"python -m benchmarks.reproduce {protocol.name}" + (
-    f" --seeds {seeds}" if seeds != protocol.seeds else ""
+    f" --seeds {seeds}" if seeds != default_seeds else ""
   )
+  if protocol.tuning is not None:
+    return _write_tuned_report(protocol, out, command, seeds, root, plot)
   text = (
     f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
     f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
@@ -474,6 +678,72 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
   return out
 
 
+def _write_tuned_report(
+  protocol: Protocol, out: pathlib.Path, command: str, seeds: int, root: pathlib.Path, plot: Any
+) -> pathlib.Path:
+  text = (
+    f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
+    f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
+    f"deviation over seeds; a difference is paired by seed, with a 95% t-interval over the "
+    f"seeds. Runs: `benchmarks/results/runs/{protocol.setting}/`.\n\n"
+    + tuning_.report(protocol, PROTOCOLS, root, seeds)
+  )
+  (out / "table.md").write_text(text)
+  groups = tuning_.chosen_workdirs(protocol, PROTOCOLS, root, seeds)
+  if groups:
+    name = "figure1_p_sweep.png" if protocol.figure == "psweep" else "figure2_curves.png"
+    plot.plot(
+      [folders for _, folders in groups],
+      str(out / name),
+      [f"{label} (chosen rate)" for label, _ in groups],
+      title=f"{protocol.name}: {protocol.config.get('model')}",
+    )
+  return out
+
+
+def commands(
+  protocol: Protocol, *, seeds: int, only: Sequence[str] = (), data_dir: str | None = None
+) -> list[str]:
+  """One shell command per run that can start now and is not finished (each writes only its
+  own folder); for a tuned protocol, rerun it as runs finish to get the next ones."""
+  from examples import cli
+
+  trainer = _trainer(protocol.task)
+  module = f"examples.{protocol.task}"
+  if protocol.tuning is not None:
+    jobs = [
+      (j.variant, j.seed, j.workdir, j.learning_rate)
+      for j in tuning_.plan(protocol, PROTOCOLS, RESULTS, seeds, only)
+    ]
+  else:
+    jobs = [
+      (v, seed, run_dir(protocol, v, seed), None)
+      for seed in range(seeds)
+      for v in protocol.variants
+      if (not only or v.label in only or v.optimizer in only)
+      and _finished_epochs(run_dir(protocol, v, seed)) < protocol.config["epochs"]
+      and metrics.read_stopped(run_dir(protocol, v, seed)) is None
+    ]
+  for variant in protocol.variants if protocol.tuning is not None else ():
+    if waiting := tuning_.grid(protocol, variant, PROTOCOLS, RESULTS).waiting:
+      print(f"# {variant.label} {waiting}", file=sys.stderr)
+  lines = []
+  for variant, seed, workdir, rate in jobs:
+    config = trainer.Config(
+      **protocol.config,
+      optimizer=variant.optimizer,
+      hparams=dict(variant.hparams),
+      seed=seed,
+      workdir=_shown(workdir),
+      resume=True,
+      learning_rate=rate,
+      progress=False,
+    )
+    flags = cli.config_flags(config) + (["--data-dir", data_dir] if data_dir else [])
+    lines.append(shlex.join(["python", "-m", module, *flags]))
+  return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -491,6 +761,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data-dir", default=None, help="dataset folder (default: $PADAM_DATA_DIR)")
   parser.add_argument("--report-only", action="store_true", help="only rewrite table and figures")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  parser.add_argument(
+    "--commands",
+    action="store_true",
+    help="print one shell command per run that can start now (for a scheduler) and exit",
+  )
   args = parser.parse_args(argv)
   if args.list or args.protocol is None:
     for p in PROTOCOLS.values():
@@ -499,9 +774,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
     return 0
   protocol = PROTOCOLS[args.protocol]
-  seeds = protocol.seeds if args.seeds is None else args.seeds
+  default_seeds = protocol.tuning.seeds if protocol.tuning else protocol.seeds
+  seeds = default_seeds if args.seeds is None else args.seeds
   if seeds < 1:
     parser.error(f"--seeds must be >= 1, got {seeds}")
+  if args.commands:
+    print("\n".join(commands(protocol, seeds=seeds, only=args.only, data_dir=args.data_dir)))
+    return 0
   if not args.report_only:
     from examples import cli
 

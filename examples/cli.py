@@ -233,6 +233,35 @@ def config_from_args(config_type: type, args: argparse.Namespace) -> Any:
   return config_type(**values)
 
 
+def config_flags(config: Any) -> list[str]:
+  """The command-line flags that make ``config`` (the inverse of :func:`config_from_args`).
+
+  Only fields that differ from their defaults and have a flag are written; a mapping gives one
+  ``--NAME KEY=JSON`` per item. A field without a flag that differs from its default raises
+  ValueError, since no command line can set it.
+  """
+  annotations = typing.get_type_hints(type(config))
+  flags: list[str] = []
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    meta = field_metadata(type(config), f.name)
+    if value == default and not meta.get("required"):
+      continue
+    if not meta.get("cli", True):
+      raise ValueError(f"{f.name}={value!r} has no command-line flag")
+    name = meta.get("flag", f.name.replace("_", "-"))
+    base = _base_type(annotations[f.name])
+    if base is bool:
+      flags.append(f"--{name}" if value else f"--no-{name}")
+    elif _is_mapping(base):
+      for key, item in value.items():
+        flags += [f"--{name}", f"{key}={json.dumps(item)}"]
+    else:
+      flags += [f"--{name}", str(value)]
+  return flags
+
+
 def run(
   main: Callable[[], Any], args: argparse.Namespace, expected: tuple[type[BaseException], ...] = ()
 ) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
+# Written when a run stops on a non-finite loss or state: {"after_epoch": N, "reason": "..."}.
+STOPPED_FILE = "stopped.json"
 
 
 def metrics_path(workdir: str | os.PathLike) -> pathlib.Path:
@@ -65,6 +67,15 @@ def append_metrics(workdir: str | os.PathLike, record: Mapping[str, Any]) -> Non
   """Appends one epoch's record to the metrics file."""
   with open(metrics_path(workdir), "a") as f:
     f.write(json.dumps(dict(record)) + "\n")
+
+
+def read_stopped(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """Why the run stopped before its last epoch (``stopped.json``), or None if it did not."""
+  try:
+    with open(pathlib.Path(workdir) / STOPPED_FILE) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
 
 
 def read_run(workdir: str | os.PathLike) -> dict[str, Any]:

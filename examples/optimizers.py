@@ -184,16 +184,23 @@ def make_optimizer(
   schedule = step_decay_schedule(lr0, total_steps)
 
   if name == "adamw" and hyperparams["weight_decay"] is None:
-    if batch_size is None or train_size is None:
-      raise ValueError(
-        "adamw needs batch_size and train_size for its normalized weight "
-        "decay (or pass weight_decay=... directly)"
-      )
+    _check_sizes(name, batch_size, train_size)
     hyperparams["weight_decay"] = normalized_weight_decay(
       hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
     )
+  if name == "padamw" and hyperparams["weight_decay_normalized"] is not None:
+    # padamw multiplies its decay by lr_t: lambda / lr_0 makes the step's decay (lr_t / lr_0) lambda.
+    _check_sizes(name, batch_size, train_size)
+    decay = normalized_weight_decay(
+      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
+    )
+    hyperparams["weight_decay"] = decay / lr0
+  entry = REGISTRY[name]
+  if entry.anneal:
+    hyperparams["anneal_steps"] = max(1, int(hyperparams["anneal_fraction"] * total_steps))
+    schedule = _rising(schedule, hyperparams)
 
-  tx = REGISTRY[name].build(schedule, dict(hyperparams))
+  tx = entry.build(schedule, dict(hyperparams))
   log = {
     "optimizer": name,
     "task": task,
@@ -205,6 +212,32 @@ def make_optimizer(
     "train_size": train_size,
   }
   return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
+
+
+def _check_sizes(name: str, batch_size: int | None, train_size: int | None) -> None:
+  if batch_size is None or train_size is None:
+    raise ValueError(
+      f"{name} needs batch_size and train_size for its normalized weight "
+      "decay (or pass weight_decay=... directly)"
+    )
+
+
+def _rising(schedule: optax.Schedule, hp: Mapping[str, Any]) -> optax.Schedule:
+  """``schedule`` times a factor rising log-linearly from ``init_lr_ratio`` to 1 over the anneal."""
+  rise = optax.exponential_decay(
+    hp["init_lr_ratio"],
+    hp["anneal_steps"],
+    decay_rate=1.0 / hp["init_lr_ratio"],
+    end_value=1.0,
+  )
+  return lambda count: schedule(count) * rise(count)
+
+
+def _padam_annealed(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
+  p = padam_jax.anneal_p(hp["anneal_steps"], hp["init_p"], hp["end_p"], shape="linear")
+  return padam_jax.padam(
+    lr, p=p, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+  )
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
@@ -270,13 +303,20 @@ def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.Gradie
 
 def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   return padam_jax.padam(
-    lr, p=hp["p"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    lr,
+    p=hp["p"],
+    b1=hp["b1"],
+    b2=hp["b2"],
+    eps=hp["eps"],
+    weight_decay=hp["weight_decay"],
+    bias_correction=hp["bias_correction"],
   )
 
 
 def _family(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformation]:
   def build(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-    kwargs = {k: v for k, v in hp.items() if k != "learning_rate"}
+    skip = ("learning_rate", "weight_decay_normalized")
+    kwargs = {k: v for k, v in hp.items() if k not in skip}
     return getattr(padam_jax, attr)(lr, **kwargs)
 
   return build
@@ -298,11 +338,15 @@ class Entry:
     hyperparams: the defaults, in the order they are logged; a :class:`PerTask` value differs by task.
     group: ``"paper"`` (the seven the paper compares, Section 5), ``"family"`` (the partially
       adaptive family) or ``"extra"``.
+    anneal: whether ``p`` is annealed: the builder gets ``anneal_steps`` (``anneal_fraction`` of the
+      steps) and the learning rate rises log-linearly from ``init_lr_ratio`` times the base rate
+      to the base rate over those steps, then follows the step decay.
   """
 
   build: Builder
   hyperparams: Mapping[str, Any]
   group: str = "paper"
+  anneal: bool = False
 
   def for_task(self, task: str) -> dict[str, Any]:
     """The hyperparameters for ``task``, as a new dict."""
@@ -379,7 +423,7 @@ REGISTRY: dict[str, Entry] = {
     },
   ),
   "adabound": Entry(_bound("adabound"), _BOUND),
-  "padam": Entry(_padam, _PARTIAL_ADAM),
+  "padam": Entry(_padam, {**_PARTIAL_ADAM, "bias_correction": True}),
   "partial_adam": Entry(_family("partial_adam"), _PARTIAL_ADAM, group="family"),
   "partial_rmsprop": Entry(
     _family("partial_rmsprop"),
@@ -410,8 +454,24 @@ REGISTRY: dict[str, Entry] = {
     {"learning_rate": 1.0, "p": _PADAM_P, "rho": 0.9, "eps": 1e-6, "weight_decay": _L2},
     group="family",
   ),
-  "padamw": Entry(_family("padamw"), _PARTIAL_ADAM, group="family"),
+  "padamw": Entry(
+    _family("padamw"), {**_PARTIAL_ADAM, "weight_decay_normalized": None}, group="family"
+  ),
   "amsbound": Entry(_bound("amsbound"), _BOUND, group="extra"),
+  "padam_annealed": Entry(
+    _padam_annealed,
+    {
+      "learning_rate": _PADAM_LR,
+      "init_p": 0.5,
+      "end_p": _PADAM_P,
+      "anneal_fraction": 0.25,
+      "init_lr_ratio": 0.01,
+      **_ADAM,
+      "weight_decay": _L2,
+    },
+    group="extra",
+    anneal=True,
+  ),
 }
 
 NAMES = tuple(REGISTRY)

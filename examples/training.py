@@ -65,14 +65,25 @@ Sums = dict[str, jax.Array]  # per-step metric sums, e.g. {"loss": sum, "correct
 DATA_AXIS = "data"
 # Config fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = frozenset(
-  {"resume", "overwrite", "progress", "workdir", "stop_after_epoch", "devices", "data_dir"}
+  {
+    "resume",
+    "overwrite",
+    "progress",
+    "workdir",
+    "stop_after_epoch",
+    "devices",
+    "data_dir",
+    "eval_every",
+    "checkpoint_every",
+    "test_every",
+  }
 )
 # Config fields that may change when a run resumes, each change recorded in run.json
 # ("resumptions"); the learning rate's new base value applies with the same decay steps.
 CHANGEABLE_ON_RESUME = frozenset({"learning_rate"})
 CHECKPOINTS_DIR = "checkpoints"
 # What a previous run leaves in its workdir; a new run refuses to start over them.
-PREVIOUS_RUN_FILES = (metrics.METRICS_FILE, metrics.RUN_FILE, CHECKPOINTS_DIR)
+PREVIOUS_RUN_FILES = (metrics.METRICS_FILE, metrics.RUN_FILE, CHECKPOINTS_DIR, metrics.STOPPED_FILE)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,6 +145,15 @@ class LoopConfig:
     None, help="number of devices to split the batch over (default: all)"
   )
   progress: bool = cli.setting(True, help="no progress bar (one line per epoch is still printed)")
+  eval_every: int = cli.setting(
+    1,
+    help="evaluate every N epochs and after the last (the other epochs log training metrics only)",
+  )
+  checkpoint_every: int = cli.setting(
+    1,
+    help="checkpoint every N epochs and after the last one this invocation runs (a killed run "
+    "resumes from the newest checkpoint, redoing at most N-1 epochs)",
+  )
   # Stop cleanly after this epoch, as if killed there (for tests and preemptible jobs); the run can
   # be resumed to ``epochs``.
   stop_after_epoch: int | None = cli.setting(
@@ -153,6 +173,8 @@ class LoopConfig:
     cli.check_int("--batch-size", self.batch_size, minimum=1)
     cli.check_int("--seed", self.seed)
     cli.check_int("--devices", self.devices, minimum=1, optional=True)
+    cli.check_int("--eval-every", self.eval_every, minimum=1)
+    cli.check_int("--checkpoint-every", self.checkpoint_every, minimum=1)
     cli.check_int("stop_after_epoch", self.stop_after_epoch, minimum=1, optional=True)
     if self.learning_rate is not None:
       cli.check_number("--lr", self.learning_rate, positive=True)
@@ -176,6 +198,8 @@ class Evaluator:
 
   Attributes:
     num_devices: devices the batch axis is split over; every batch's size must be a multiple.
+    epoch: the epoch just trained (0 when not known).
+    final: whether it is the run's last epoch (``epochs``).
   """
 
   def __init__(
@@ -184,11 +208,16 @@ class Evaluator:
     state: Any,
     shard: Callable[[Any], Any],
     num_devices: int,
+    *,
+    epoch: int = 0,
+    final: bool = False,
   ):
     self._step = step
     self._state = state
     self._shard = shard
     self.num_devices = num_devices
+    self.epoch = epoch
+    self.final = final
 
   def run(self, batches: Iterable[Batch], carry: Carry = None) -> dict[str, float]:
     """Sums the task's metric sums over ``batches`` (in eval mode), threading ``carry`` through.
@@ -1163,11 +1192,19 @@ def train_epoch(
   return state, EpochTraining(host, seconds)
 
 
-def evaluate(steps: Steps, state: Any, task: Task) -> tuple[dict[str, float], float]:
+def evaluate(
+  steps: Steps, state: Any, task: Task, *, epoch: int = 0, final: bool = False
+) -> tuple[dict[str, float], float]:
   """The task's end-of-epoch evaluation of ``state`` and its seconds."""
   start = time.perf_counter()
-  evaluation = task.evaluate(Evaluator(steps.eval, state, steps.shard, steps.num_devices))
+  evaluator = Evaluator(steps.eval, state, steps.shard, steps.num_devices, epoch=epoch, final=final)
+  evaluation = task.evaluate(evaluator)
   return evaluation, time.perf_counter() - start
+
+
+def due(epoch: int, every: int, last: int) -> bool:
+  """Whether something done every ``every`` epochs and after epoch ``last`` is due after ``epoch``."""
+  return epoch % every == 0 or epoch == last
 
 
 def epoch_record(
@@ -1225,7 +1262,8 @@ def record_epoch(
   config: LoopConfig,
   setup: optimizers.OptimizerSetup | None = None,
 ) -> None:
-  """Adds a finished epoch to ``run``: its history, a checkpoint, metrics.jsonl, a printed line.
+  """Adds a finished epoch to ``run``: its history, a checkpoint (when due: every
+  ``checkpoint_every`` epochs and after the last of this invocation), metrics.jsonl, a printed line.
 
   A state with a non-finite array stops the run (:func:`check_finite_state`) before anything of
   the epoch is written.
@@ -1235,7 +1273,8 @@ def record_epoch(
   run.state = state
   run.epoch = record["epoch"]
   run.history.append(record)
-  save_checkpoint(checkpoints, run, task, config, task.describe_data())
+  if due(run.epoch, config.checkpoint_every, last_epoch(config)):
+    save_checkpoint(checkpoints, run, task, config, task.describe_data())
   metrics.append_metrics(config.workdir, record)
   shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
   print(f"epoch {run.epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
@@ -1266,28 +1305,52 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
   root = jax.random.key(config.seed)
   model, state = make_state(task, setup.tx, root, mesh)
   steps = Steps(task, model, mesh)
-  base_lr = setup.hyperparams.get("learning_rate")
   with Checkpoints(pathlib.Path(config.workdir) / CHECKPOINTS_DIR) as checkpoints:
     run = restore_or_start(checkpoints, state, root, task, config)
     del state  # a restored run replaces it; from here on the run holds the state
     write_run_info(task, config, setup, model, steps, run)
-    for epoch in range(run.epoch + 1, last_epoch(config) + 1):
-      key = epoch_key(run.root, epoch)
-      state, trained = train_epoch(
-        steps,
-        run.state,
-        task,
-        config,
-        epoch,
-        checkpoints,
-        key=key,
-        log_every=log_every,
-        learning_rate=base_lr,
-      )
-      evaluation, eval_seconds = evaluate(steps, state, task)
-      record = epoch_record(epoch, task, setup, trained, evaluation, eval_seconds)
-      record_epoch(run, state, record, checkpoints, task, config, setup)
+    stopped = pathlib.Path(config.workdir) / metrics.STOPPED_FILE
+    stopped.unlink(missing_ok=True)
+    try:
+      run_epochs(run, task, config, setup, steps, checkpoints, log_every=log_every)
+    except NonFiniteLossError as e:
+      stopped.write_text(json.dumps({"after_epoch": run.epoch, "reason": str(e)}) + "\n")
+      raise
   return run.history
+
+
+def run_epochs(
+  run: RunState,
+  task: Task,
+  config: LoopConfig,
+  setup: optimizers.OptimizerSetup,
+  steps: Steps,
+  checkpoints: Checkpoints,
+  *,
+  log_every: int = 10,
+) -> None:
+  """Trains, evaluates (when due) and records the epochs after ``run.epoch`` up to the last."""
+  base_lr = setup.hyperparams.get("learning_rate")
+  for epoch in range(run.epoch + 1, last_epoch(config) + 1):
+    key = epoch_key(run.root, epoch)
+    state, trained = train_epoch(
+      steps,
+      run.state,
+      task,
+      config,
+      epoch,
+      checkpoints,
+      key=key,
+      log_every=log_every,
+      learning_rate=base_lr,
+    )
+    if due(epoch, config.eval_every, config.epochs):
+      final = epoch == config.epochs
+      evaluation, eval_seconds = evaluate(steps, state, task, epoch=epoch, final=final)
+    else:
+      evaluation, eval_seconds = {}, 0.0
+    record = epoch_record(epoch, task, setup, trained, evaluation, eval_seconds)
+    record_epoch(run, state, record, checkpoints, task, config, setup)
 
 
 def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -251,6 +251,46 @@ def load(
   return balanced_subset(train, train_size, seed), balanced_subset(test, test_size, seed + 1)
 
 
+def load_splits(
+  data_dir: str | os.PathLike | None,
+  train_size: int | None = None,
+  test_size: int | None = None,
+  seed: int = 0,
+  *,
+  val_size: int | None = None,
+) -> tuple[Split, Split, Split | None]:
+  """The train, test and (with ``val_size``) validation splits, as NumPy arrays.
+
+  Without ``val_size`` the train and test splits are :func:`load`'s and the validation split is
+  None. With it, a class-balanced validation split of ``val_size`` images is held out of the
+  training set first (seeded by ``seed + 2``), and the training subset of ``train_size`` is drawn
+  from the images left, so the two never share an image.
+
+  Raises:
+    ValueError: if a class has too few images for its share of the splits.
+  """
+  if val_size is None:
+    train, test = load(data_dir, train_size, test_size, seed)
+    return train, test, None
+  full_train, full_test = load_npz(resolve_data_file(data_dir))
+  val, rest = holdout(full_train, val_size, seed + 2)
+  train = balanced_subset(rest, train_size, seed)
+  return train, balanced_subset(full_test, test_size, seed + 1), val
+
+
+def holdout(split: Split, size: int, seed: int) -> tuple[Split, Split]:
+  """A class-balanced, seeded subset of ``size`` examples and the examples left, both in order."""
+  n = split.labels.shape[0]
+  if not 0 < size < n:
+    raise ValueError(f"validation size must be in 1..{n - 1}, got {size}")
+  chosen = balanced_subset(Split(np.arange(n), split.labels), size, seed).images
+  kept = np.setdiff1d(np.arange(n), chosen)
+  return (
+    Split(split.images[chosen], split.labels[chosen]),
+    Split(split.images[kept], split.labels[kept]),
+  )
+
+
 def normalize(images: jax.Array) -> jax.Array:
   """uint8 pixels -> float32 ``(x / 255 - mean) / std`` per channel."""
   mean = jnp.asarray(MEAN, jnp.float32).reshape((1,) * (images.ndim - 1) + (3,))

@@ -47,6 +47,16 @@ class Config(training.LoopConfig):
     None,
     help="folder holding cifar10.npz (default: $PADAM_DATA_DIR, else download to the cache)",
   )
+  val_size: int | None = cli.setting(
+    None,
+    help="hold out a class-balanced, seeded validation split of this many training images "
+    "(disjoint from the training subset), evaluated as val_loss/val_acc",
+  )
+  test_every: int | None = cli.setting(
+    None,
+    help="evaluate the test set only every N epochs and after the last one (default: at every "
+    "evaluation)",
+  )
   eval_batch_size: int = cli.setting(
     1000, help="evaluation batch (rounded up to a multiple of the devices)"
   )
@@ -56,6 +66,8 @@ class Config(training.LoopConfig):
     cli.check_int("--eval-batch-size", self.eval_batch_size, minimum=1)
     cli.check_int("--train-size", self.train_size, minimum=1, optional=True)
     cli.check_int("--test-size", self.test_size, minimum=1, optional=True)
+    cli.check_int("--val-size", self.val_size, minimum=1, optional=True)
+    cli.check_int("--test-every", self.test_every, minimum=1, optional=True)
 
 
 class Cifar10Task(training.Task):
@@ -64,8 +76,15 @@ class Cifar10Task(training.Task):
   registry_task = "cifar10"
   unit = "images"
 
-  def __init__(self, config: Config, train: input_pipeline.Split, test: input_pipeline.Split):
+  def __init__(
+    self,
+    config: Config,
+    train: input_pipeline.Split,
+    test: input_pipeline.Split,
+    val: input_pipeline.Split | None = None,
+  ):
     self.model_name = config.model
+    self.test_every = config.test_every
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
     self.train_size = int(train.labels.shape[0])
@@ -76,19 +95,13 @@ class Cifar10Task(training.Task):
       )
     self.x_train = jnp.asarray(train.images)
     self.y_train = jnp.asarray(train.labels)
-    self.test = test
-    self._eval_batches: list[dict[str, jax.Array]] | None = None
-    self._data = {
-      "files": [input_pipeline.NPZ_NAME],
-      "sha256": training.fingerprint(
-        {
-          "x_train": train.images,
-          "y_train": train.labels,
-          "x_test": test.images,
-          "y_test": test.labels,
-        }
-      ),
-    }
+    self.splits = {"test": test} if val is None else {"val": val, "test": test}
+    self._eval_batches: dict[str, list[dict[str, jax.Array]]] = {}
+    arrays = {"x_train": train.images, "y_train": train.labels}
+    for name, split in self.splits.items():
+      arrays |= {f"x_{name}": split.images, f"y_{name}": split.labels}
+    # Without a validation split the arrays (and so the fingerprint) are those of earlier runs.
+    self._data = {"files": [input_pipeline.NPZ_NAME], "sha256": training.fingerprint(arrays)}
 
   def describe_data(self) -> dict[str, Any]:
     """``cifar10.npz`` and the SHA-256 of the training and test arrays used (subsets included)."""
@@ -124,10 +137,23 @@ class Cifar10Task(training.Task):
     return {"loss": sums["loss"] / sums["count"], "acc": sums["correct"] / sums["count"]}
 
   def evaluate(self, evaluator: training.Evaluator) -> dict[str, float]:
-    if self._eval_batches is None:
-      self._eval_batches = _padded_batches(self.test, self.eval_batch_size, evaluator.num_devices)
-    sums = evaluator.run(self._eval_batches)
-    return {"test_loss": sums["loss"] / sums["count"], "test_acc": sums["correct"] / sums["count"]}
+    """``val_loss``/``val_acc`` (with a validation split) and, when due, ``test_loss``/``test_acc``."""
+    record = {}
+    for name, split in self.splits.items():
+      if name == "test" and not _test_due(self.test_every, evaluator):
+        continue
+      if name not in self._eval_batches:
+        self._eval_batches[name] = _padded_batches(
+          split, self.eval_batch_size, evaluator.num_devices
+        )
+      sums = evaluator.run(self._eval_batches[name])
+      record[f"{name}_loss"] = sums["loss"] / sums["count"]
+      record[f"{name}_acc"] = sums["correct"] / sums["count"]
+    return record
+
+
+def _test_due(test_every: int | None, evaluator: training.Evaluator) -> bool:
+  return test_every is None or evaluator.final or evaluator.epoch % test_every == 0
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -172,7 +198,7 @@ def train_and_evaluate(config: Config) -> list[dict[str, Any]]:
   # The config has checked its values when it was made; the rest (devices, hyperparameters, the
   # workdir and what it holds) is checked here, before the data load and the model compile.
   config = training.check_run(config, Cifar10Task.registry_task)
-  train, test = input_pipeline.load(
-    config.data_dir, config.train_size, config.test_size, config.seed
+  train, test, val = input_pipeline.load_splits(
+    config.data_dir, config.train_size, config.test_size, config.seed, val_size=config.val_size
   )
-  return training.train(Cifar10Task(config, train, test), config)
+  return training.train(Cifar10Task(config, train, test, val), config)
