@@ -227,3 +227,42 @@ def test_amsgrad_is_the_max_of_the_raw_second_moment():
   for g in [np.array([1.0], np.float32)] * 5 + [np.array([1e-3], np.float32)] * 10:
     updates, state = setup.tx.update(jnp.asarray(g), state, params)
     np.testing.assert_allclose(updates, ref.update(g, np.zeros(1), 1e-3), rtol=1e-5)
+
+
+def test_padam_annealed_against_the_reference_with_p_and_rate_per_step():
+  # 40 steps, decays after 20 and 30; p falls linearly 1/2 -> 1/8 over the first 10 steps while
+  # the rate rises log-linearly from lr/100 to lr: written out here in NumPy, step by step.
+  lr, total, ramp = 0.3, 40, 10
+  setup = optimizers.make_optimizer(
+    "padam_annealed", "cifar10", steps_per_epoch=10, epochs=4, learning_rate=lr
+  )
+  assert setup.hyperparams["anneal_steps"] == ramp
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=4), jnp.float32)
+  state = setup.tx.init(params)
+  ref = PadamReference(0.5, wd=5e-4)
+  for t in range(total):
+    s = min(t / ramp, 1.0)
+    rate = lr * 0.01 ** (1 - s) * (0.1 if t >= 20 else 1.0) * (0.1 if t >= 30 else 1.0)
+    ref.p = 0.5 + (0.125 - 0.5) * s
+    assert float(setup.learning_rate(t)) == pytest.approx(rate, rel=1e-5)
+    g = rng.normal(size=4).astype(np.float32) * 10.0 ** rng.integers(-4, 1)
+    updates, state = setup.tx.update(jnp.asarray(g), state, params)
+    np.testing.assert_allclose(updates, ref.update(g, np.asarray(params), rate), rtol=2e-5)
+    params = params + updates
+
+
+def test_padamw_normalized_decay_and_padam_without_bias_correction():
+  logged = optimizers.make_optimizer(
+    "padamw", "cifar10", **{**BUILD, "learning_rate": 0.3}, weight_decay_normalized=0.025
+  ).hyperparams
+  # padamw multiplies its decay by lr_t: lambda_norm sqrt(b / (n T)) / lr_0.
+  assert logged["weight_decay"] == pytest.approx(0.025 * math.sqrt(128 / 50_000 / 200) / 0.3)
+  assert optimizers.make_optimizer("padamw", "cifar10", **BUILD).hyperparams["weight_decay"] == 5e-4
+  setup = optimizers.make_optimizer(
+    "padam", "cifar10", steps_per_epoch=10, epochs=4, bias_correction=False
+  )
+  params, g = jnp.array([0.5, -1.0, 2.0]), np.array([0.1, -0.2, 3.0], np.float32)
+  updates, _ = setup.tx.update(jnp.asarray(g), setup.tx.init(params), params)
+  ref = PadamReference(0.125, wd=5e-4, bias_correction=False)
+  np.testing.assert_allclose(updates, ref.update(g, np.asarray(params), 0.1), rtol=1e-5)

@@ -1,0 +1,212 @@
+"""Tuned protocols: the grid grows past an edge, the choice, the seeds, the report, the commands."""
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+
+import pytest
+
+from benchmarks import reproduce, tuning
+from examples import cli, metrics
+from examples.cifar10 import train as cifar10_train
+
+EPOCHS = 3
+TUNED = reproduce.Protocol(
+  name="tuned",
+  task="cifar10",
+  setting="tuned",
+  config=dict(model="resnet8", train_size=20, val_size=10, batch_size=10, epochs=EPOCHS),
+  variants=(reproduce.Variant("sgdm", "sgdm"), reproduce.Variant("padam", "padam")),
+  tuning=tuning.Tuning(seeds=3),
+  compare=(("padam", "sgdm"),),
+)
+FOLLOW = reproduce.Protocol(
+  name="follow",
+  task="cifar10",
+  setting="tuned",
+  config=TUNED.config,
+  variants=(
+    reproduce.Variant("padam", "padam", rate_of=("tuned", "padam")),
+    reproduce.Variant("padam wd x2", "padam", {"weight_decay": 1e-3}, rate_of=("tuned", "padam")),
+  ),
+  tuning=tuning.Tuning(seeds=2),
+)
+PROTOCOLS = {"tuned": TUNED, "follow": FOLLOW}
+
+
+@pytest.fixture(autouse=True)
+def protocols(monkeypatch):
+  monkeypatch.setattr(reproduce, "PROTOCOLS", PROTOCOLS)
+
+
+def finish(root, protocol, label, step, seed, val_acc, test_acc=0.5):
+  variant = next(v for v in protocol.variants if v.label == label)
+  workdir = tuning.run_dir(protocol, variant, step, seed, root)
+  workdir.mkdir(parents=True, exist_ok=True)
+  records = [
+    {"epoch": e, "train_loss": 1.0 / e, **({"val_acc": 0.1} if e < EPOCHS else {})}
+    for e in range(1, EPOCHS + 1)
+  ]
+  records[-1].update(val_acc=val_acc, test_acc=test_acc)
+  metrics.write_metrics(workdir, records)
+  return workdir
+
+
+def steps_of(jobs, label):
+  return sorted((j.step, j.seed) for j in jobs if j.variant.label == label)
+
+
+def test_step_tags_and_rates():
+  assert [tuning.step_tag(s) for s in (-2, -1, 0, 1, 2)] == ["x1_9", "x1_3", "x1", "x3", "x9"]
+  sgdm = TUNED.variants[0]
+  assert tuning.learning_rate(TUNED, sgdm, 1) == 0.3  # printed as 0.3, not 0.30000000000000004
+  assert tuning.learning_rate(TUNED, sgdm, -1) == pytest.approx(0.1 / 3, rel=1e-6)
+  assert tuning.learning_rate(TUNED, reproduce.Variant("a", "adam"), 0) == 1e-3
+
+
+def test_the_grid_grows_past_an_edge_then_seeds_run_at_the_choice(tmp_path):
+  jobs = tuning.plan(TUNED, PROTOCOLS, tmp_path)
+  assert steps_of(jobs, "sgdm") == [(-1, 0), (0, 0), (1, 0)]
+  # sgdm: the best at x3 (an edge) -> x9 is tried next; nothing at the choice yet.
+  for step, acc in ((-1, 0.40), (0, 0.50), (1, 0.60)):
+    finish(tmp_path, TUNED, "sgdm", step, 0, acc)
+  assert steps_of(tuning.plan(TUNED, PROTOCOLS, tmp_path), "sgdm") == [(2, 0)]
+  # x9 is worse: x3 is chosen, seeds 1 and 2 run there.
+  finish(tmp_path, TUNED, "sgdm", 2, 0, 0.55)
+  state = tuning.grid(TUNED, TUNED.variants[0], PROTOCOLS, tmp_path)
+  assert state.chosen == 1 and state.scores == {-1: 0.40, 0: 0.50, 1: 0.60, 2: 0.55}
+  assert steps_of(tuning.plan(TUNED, PROTOCOLS, tmp_path), "sgdm") == [(1, 1), (1, 2)]
+
+
+def test_the_grid_stops_at_its_reach_and_a_tie_takes_the_smaller_rate(tmp_path):
+  # padam: best at x1/3, then at x1/9 (the reach): x1/9 is chosen although it is an edge.
+  for step, acc in ((-1, 0.7), (0, 0.5), (1, 0.5), (-2, 0.8)):
+    finish(tmp_path, TUNED, "padam", step, 0, acc)
+  assert tuning.grid(TUNED, TUNED.variants[1], PROTOCOLS, tmp_path).chosen == -2
+  # A tie between x1 and x3 (interior best) picks x1.
+  for step, acc in ((-1, 0.2), (0, 0.6), (1, 0.6)):
+    finish(tmp_path, TUNED, "sgdm", step, 0, acc)
+  assert tuning.grid(TUNED, TUNED.variants[0], PROTOCOLS, tmp_path).chosen == 0
+
+
+def test_a_non_finite_run_scores_lowest_and_the_variant_waits_for_its_source(tmp_path):
+  for step, acc in ((0, 0.6), (1, 0.5)):
+    finish(tmp_path, TUNED, "padam", step, 0, acc)
+  follow = tuning.grid(FOLLOW, FOLLOW.variants[1], PROTOCOLS, tmp_path)
+  assert follow.chosen is None and "waits for the rate chosen for padam in tuned" in follow.waiting
+  assert tuning.plan(FOLLOW, PROTOCOLS, tmp_path) == []
+  stopped = tuning.run_dir(TUNED, TUNED.variants[1], -1, 0, tmp_path)
+  stopped.mkdir(parents=True)
+  (stopped / metrics.STOPPED_FILE).write_text(json.dumps({"after_epoch": 1, "reason": "nan"}))
+  # x1/3 stopped non-finite (-inf), so x1 is an interior best: chosen; the follower runs there.
+  assert tuning.grid(TUNED, TUNED.variants[1], PROTOCOLS, tmp_path).scores[-1] == -math.inf
+  jobs = tuning.plan(FOLLOW, PROTOCOLS, tmp_path)
+  assert steps_of(jobs, "padam") == [(0, 1)]  # seed 0 at x1 is the tuned grid's own run
+  assert steps_of(jobs, "padam wd x2") == [(0, 0), (0, 1)]
+  assert jobs[-1].workdir.name == "padam-wd-x2-lrx1-seed1"
+
+
+def test_paired_difference_and_its_interval():
+  mean, half, n = tuning.paired({0: 60.0, 1: 62.0, 2: 61.0, 3: 1.0}, {0: 59.0, 1: 60.0, 2: 58.0})
+  # Differences 1, 2, 3 over the 3 common seeds: mean 2, sd 1, t(0.975, 2 df) = 4.303.
+  assert (mean, n) == (2.0, 3)
+  assert half == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+  assert tuning.paired({0: 1.0}, {1: 2.0}) is None
+
+
+def test_the_report_shows_the_grid_the_choice_and_the_paired_difference(tmp_path):
+  for label in ("sgdm", "padam"):
+    for step, acc in ((-1, 0.4), (0, 0.6), (1, 0.5)):
+      finish(tmp_path, TUNED, label, step, 0, acc, test_acc=0.55)
+    for seed, test in ((1, 0.57), (2, 0.56)):
+      finish(tmp_path, TUNED, label, 0, seed, 0.6, test_acc=test + (label == "padam") * 0.01)
+  text = tuning.report(TUNED, PROTOCOLS, tmp_path, seeds=3)
+  assert "0.0333: 40.0, **0.1: 60.0**, 0.3: 50.0 | 0.1 |" in text
+  assert "| sgdm | 0.1 | 3 | 56.00 ± 1.00 | 60.00 ± 0.00 |" in text
+  assert "| padam - sgdm | 3 | +0.67 |" in text
+
+
+def test_commands_rebuild_each_config(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
+  lines = reproduce.commands(TUNED, seeds=3, data_dir="DIR")
+  assert len(lines) == 6
+  words = shlex.split(lines[-1])
+  assert words[:3] == ["python", "-m", "examples.cifar10"]
+  parser = argparse.ArgumentParser()
+  cli.add_config_flags(parser, cifar10_train.Config)
+  args = parser.parse_args(words[3:])
+  config = cli.config_from_args(cifar10_train.Config, args)
+  assert (config.optimizer, config.learning_rate, config.val_size) == ("padam", 0.3, 10)
+  assert config.resume and not config.progress and config.data_dir == "DIR"
+  assert config.workdir.endswith("tuned/padam-lrx3-seed0")
+
+
+def test_config_flags_round_trip():
+  config = cifar10_train.Config(
+    workdir="w",
+    model="resnet8",
+    hparams={"p": 0.25, "bias_correction": False},
+    resume=True,
+    progress=False,
+    learning_rate=0.03,
+    eval_every=4,
+  )
+  parser = argparse.ArgumentParser()
+  cli.add_config_flags(parser, cifar10_train.Config)
+  flags = cli.config_flags(config)
+  assert cli.config_from_args(cifar10_train.Config, parser.parse_args(flags)) == config
+
+
+@pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
+def test_validation_split_and_evaluation_and_checkpoint_intervals(tmp_path, monkeypatch):
+  import numpy as np
+  from test_cifar10 import synthetic_cifar
+  from test_faults import TinyNet
+
+  from examples.cifar10 import input_pipeline, models
+
+  monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
+  (tmp_path / "data").mkdir()
+  np.savez(tmp_path / "data" / "cifar10.npz", **synthetic_cifar(n_train=60, n_test=20))
+  # The validation split is class-balanced and shares no image with the training subset.
+  train, test, val = input_pipeline.load_splits(tmp_path / "data", 20, None, 0, val_size=30)
+  assert np.bincount(val.labels).tolist() == [3] * 10 and len(test.labels) == 20
+  flat = lambda split: {x.tobytes() for x in split.images}  # noqa: E731
+  assert len(train.labels) == 20 and not flat(train) & flat(val)
+
+  def config(workdir, **kw):
+    return cifar10_train.Config(
+      model="tiny",
+      epochs=4,
+      batch_size=10,
+      train_size=20,
+      val_size=30,
+      eval_batch_size=30,
+      eval_every=2,
+      test_every=4,
+      checkpoint_every=2,
+      data_dir=str(tmp_path / "data"),
+      workdir=str(tmp_path / workdir),
+      progress=False,
+      devices=1,
+      **kw,
+    )
+
+  whole = cifar10_train.train_and_evaluate(config("whole"))
+  assert [sorted(k for k in r if k.startswith(("val", "test"))) for r in whole] == [
+    [],
+    ["val_acc", "val_loss"],
+    [],
+    ["test_acc", "test_loss", "val_acc", "val_loss"],
+  ]
+  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["2", "4"]
+  # Killed after epoch 3 (its checkpoint not due): the resumed run redoes epoch 3 from epoch 2's
+  # checkpoint and ends as the uninterrupted one.
+  cifar10_train.train_and_evaluate(config("cut", stop_after_epoch=3))
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # as if killed before it was written
+  resumed = cifar10_train.train_and_evaluate(config("cut", resume=True))
+  assert len(metrics.read_metrics(tmp_path / "cut")) == 4
+  for a, b in zip(whole, resumed, strict=True):
+    assert a["train_loss"] == b["train_loss"] and a.get("test_acc") == b.get("test_acc")
