@@ -2,6 +2,7 @@
 
     python -m benchmarks.reproduce PROTOCOL [--data-dir DIR] [--seeds N] [--only NAME ...]
     python -m benchmarks.reproduce PROTOCOL --report-only   # tables and figures from metrics only
+    python -m benchmarks.reproduce PROTOCOL --results DIR   # runs and reports under DIR instead
     python -m benchmarks.reproduce --list
 
 Every run of a protocol (task x optimizer x seed) trains through the example trainers
@@ -166,6 +167,23 @@ PROTOCOLS: dict[str, Protocol] = {
       paper=("paper: ResNet-18, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
       about="ResNet-18 on full CIFAR-10, 8 epochs per optimizer: sized for ~10 minutes on one H200.",
     ),
+    Protocol(
+      name="gpu-short-tiny",
+      task="cifar10",
+      setting="gpu-short-tiny",
+      config=dict(
+        model="resnet8_w0.5",
+        epochs=2,
+        batch_size=32,
+        train_size=256,
+        test_size=200,
+        eval_batch_size=200,
+      ),
+      variants=tuple(Variant(name, name) for name in ("padam", "sgdm")),
+      about="A rehearsal of gpu-short on a CPU (`python -m benchmarks.accelerator --tiny`): "
+      "ResNet-8 at half width on 256 training and 200 test images, 2 epochs, Padam and SGD-M. "
+      "It checks the pipeline, not the optimizers.",
+    ),
     *(
       Protocol(
         name=f"paper-cifar10-{model}",
@@ -222,6 +240,75 @@ def _finished_epochs(workdir: pathlib.Path) -> int:
     return 0
 
 
+def select_variants(protocol: Protocol, only: Sequence[str] = ()) -> list[Variant]:
+  """The variants to run (those named by label or optimizer in ``only``, else all), in run order.
+
+  The optimizers the paper's claims are about go first, so a grid cut short has them.
+
+  Raises:
+    ValueError: when ``only`` names no variant; the message lists the valid labels.
+  """
+  variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
+  variants.sort(key=lambda v: FIRST.index(v.optimizer) if v.optimizer in FIRST else len(FIRST))
+  if only and not variants:
+    valid = ", ".join(v.label for v in protocol.variants)
+    raise ValueError(f"--only {list(only)} matches no run of {protocol.name}; valid: {valid}")
+  return variants
+
+
+def train_run(
+  protocol: Protocol,
+  variant: Variant,
+  seed: int,
+  *,
+  data_dir: str | None = None,
+  root: pathlib.Path = RESULTS,
+  overrides: Mapping[str, Any] | None = None,
+  progress: bool = True,
+) -> bool:
+  """Trains one run of ``protocol`` unless it is finished; resumes it if it was interrupted.
+
+  Args:
+    protocol: the grid the run belongs to.
+    variant: the run's line of the table.
+    seed: the run's seed.
+    data_dir: the dataset folder passed to the trainer.
+    root: the results folder (the run's workdir is ``root/runs/SETTING/LABEL-seedS``).
+    overrides: trainer config fields replacing the protocol's (e.g. ``stop_after_epoch``).
+    progress: the trainer's progress bar.
+
+  Returns:
+    False when the run was already finished (and skipped), True when it trained.
+  """
+  trainer = _trainer(protocol.task)
+  config_fields = {**protocol.config, **(overrides or {})}
+  workdir = run_dir(protocol, variant, seed, root)
+  done = _finished_epochs(workdir)
+  if done >= config_fields["epochs"]:
+    print(f"[{protocol.name}] {variant.label} seed {seed}: finished, skipped", flush=True)
+    return False
+  print(
+    f"[{protocol.name}] {variant.label} seed {seed}: "
+    + ("resuming" if done else "starting")
+    + f" in {workdir}",
+    flush=True,
+  )
+  start = time.perf_counter()
+  config = trainer.Config(
+    **config_fields,
+    optimizer=variant.optimizer,
+    hparams=dict(variant.hparams),
+    seed=seed,
+    workdir=str(workdir),
+    resume=True,
+    data_dir=data_dir,
+    progress=progress,
+  )
+  trainer.train_and_evaluate(config)
+  print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+  return True
+
+
 def run_grid(
   protocol: Protocol,
   *,
@@ -233,42 +320,20 @@ def run_grid(
   progress: bool = True,
 ) -> None:
   """Trains every (variant, seed) of ``protocol`` that is not finished, rewriting the report after each."""
-  trainer = _trainer(protocol.task)
-  config_fields = {**protocol.config, **(overrides or {})}
-  epochs = config_fields["epochs"]
-  variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
-  # The optimizers the paper's claims are about go first, so a grid cut short has them.
-  variants.sort(key=lambda v: FIRST.index(v.optimizer) if v.optimizer in FIRST else len(FIRST))
-  if only and not variants:
-    valid = ", ".join(v.label for v in protocol.variants)
-    raise ValueError(f"--only {list(only)} matches no run of {protocol.name}; valid: {valid}")
+  variants = select_variants(protocol, only)
   for seed in range(seeds):
     for variant in variants:
-      workdir = run_dir(protocol, variant, seed, root)
-      done = _finished_epochs(workdir)
-      if done >= epochs:
-        print(f"[{protocol.name}] {variant.label} seed {seed}: finished, skipped", flush=True)
-        continue
-      print(
-        f"[{protocol.name}] {variant.label} seed {seed}: "
-        + ("resuming" if done else "starting")
-        + f" in {workdir}",
-        flush=True,
-      )
-      start = time.perf_counter()
-      config = trainer.Config(
-        **config_fields,
-        optimizer=variant.optimizer,
-        hparams=dict(variant.hparams),
-        seed=seed,
-        workdir=str(workdir),
-        resume=True,
+      trained = train_run(
+        protocol,
+        variant,
+        seed,
         data_dir=data_dir,
+        root=root,
+        overrides=overrides,
         progress=progress,
       )
-      trainer.train_and_evaluate(config)
-      print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
-      write_report(protocol, seeds=seeds, root=root)
+      if trained:
+        write_report(protocol, seeds=seeds, root=root)
 
 
 # ---- the report: from the metrics files only ----
@@ -449,11 +514,15 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
   command = f"python -m benchmarks.reproduce {protocol.name}" + (
     f" --seeds {seeds}" if seeds != protocol.seeds else ""
   )
+  runs = f"benchmarks/results/runs/{protocol.setting}/"
+  if pathlib.Path(root).resolve() != RESULTS:  # another results folder: name it by its runs only
+    command += " --results DIR"
+    runs = f"DIR/runs/{protocol.setting}/, DIR being the folder above this one"
   text = (
     f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
     f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
     f"deviation over seeds where there is more than one; best final value in bold. Runs: "
-    f"`benchmarks/results/runs/{protocol.setting}/`.\n\n{table(protocol, seeds, root)}"
+    f"`{runs}`.\n\n{table(protocol, seeds, root)}"
   )
   (out / "table.md").write_text(text)
   workdirs, labels = [], []  # one line per variant: the mean over its seeds, their range shaded
@@ -490,6 +559,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--only", nargs="*", default=(), help="only these optimizers / labels")
   parser.add_argument("--data-dir", default=None, help="dataset folder (default: $PADAM_DATA_DIR)")
   parser.add_argument("--report-only", action="store_true", help="only rewrite table and figures")
+  parser.add_argument(
+    "--results",
+    type=pathlib.Path,
+    default=RESULTS,
+    metavar="DIR",
+    help="results folder: runs in DIR/runs/SETTING/, reports in DIR/PROTOCOL/ (default: "
+    "benchmarks/results)",
+  )
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   if args.list or args.protocol is None:
@@ -508,12 +585,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_xla([])
     try:
       run_grid(
-        protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, progress=not args.no_progress
+        protocol,
+        seeds=seeds,
+        only=args.only,
+        data_dir=args.data_dir,
+        root=args.results,
+        progress=not args.no_progress,
       )
     except (ValueError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-  out = write_report(protocol, seeds=seeds)
+  out = write_report(protocol, seeds=seeds, root=args.results)
   print((out / "table.md").read_text())
   return 0
 
