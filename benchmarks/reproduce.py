@@ -2,6 +2,8 @@
 
     python -m benchmarks.reproduce PROTOCOL [--data-dir DIR] [--seeds N] [--only NAME ...]
     python -m benchmarks.reproduce PROTOCOL --report-only   # tables and figures from metrics only
+    python -m benchmarks.reproduce PROTOCOL --results DIR   # runs and reports under DIR instead
+    python -m benchmarks.reproduce PROTOCOL --commands      # one trainer command per run, for a scheduler
     python -m benchmarks.reproduce --list
 
 Every run of a protocol (task x optimizer x seed) trains through the example trainers
@@ -287,6 +289,23 @@ PROTOCOLS: dict[str, Protocol] = {
       paper=("paper: ResNet-18, 200 epochs", PAPER_CIFAR10_ACC["resnet18"]),
       about="ResNet-18 on full CIFAR-10, 8 epochs per optimizer: sized for ~10 minutes on one H200.",
     ),
+    Protocol(
+      name="gpu-short-tiny",
+      task="cifar10",
+      setting="gpu-short-tiny",
+      config=dict(
+        model="resnet8_w0.5",
+        epochs=2,
+        batch_size=32,
+        train_size=256,
+        test_size=200,
+        eval_batch_size=200,
+      ),
+      variants=tuple(Variant(name, name) for name in ("padam", "sgdm")),
+      about="A rehearsal of gpu-short on a CPU (`python -m benchmarks.accelerator --tiny`): "
+      "ResNet-8 at half width on 256 training and 200 test images, 2 epochs, Padam and SGD-M. "
+      "It checks the pipeline, not the optimizers.",
+    ),
     *(
       Protocol(
         name=f"paper-cifar10-{model}",
@@ -343,22 +362,67 @@ def _finished_epochs(workdir: pathlib.Path) -> int:
     return 0
 
 
-def _train_one(
+def select_variants(protocol: Protocol, only: Sequence[str] = ()) -> list[Variant]:
+  """The variants to run (those named by label or optimizer in ``only``, else all), in run order.
+
+  The optimizers the paper's claims are about go first, so a grid cut short has them.
+
+  Raises:
+    ValueError: when ``only`` names no variant; the message lists the valid labels.
+  """
+  variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
+  variants.sort(key=lambda v: FIRST.index(v.optimizer) if v.optimizer in FIRST else len(FIRST))
+  if only and not variants:
+    valid = ", ".join(v.label for v in protocol.variants)
+    raise ValueError(f"--only {list(only)} matches no run of {protocol.name}; valid: {valid}")
+  return variants
+
+
+def train_run(
   protocol: Protocol,
-  config_fields: Mapping[str, Any],
   variant: Variant,
   seed: int,
-  workdir: pathlib.Path,
   *,
-  data_dir: str | None,
-  progress: bool,
+  data_dir: str | None = None,
+  root: pathlib.Path = RESULTS,
+  overrides: Mapping[str, Any] | None = None,
+  progress: bool = True,
+  workdir: pathlib.Path | None = None,
   learning_rate: float | None = None,
-) -> None:
-  """Trains (or resumes) one run; a run that stops on a non-finite loss is reported, not raised
-  (its ``stopped.json`` records it; the grid goes on)."""
+) -> bool:
+  """Trains one run of ``protocol`` unless it is finished; resumes it if it was interrupted.
+
+  A run that stops on a non-finite loss or state is reported, not raised: its ``stopped.json``
+  records it, it counts as done, and the grid goes on.
+
+  Args:
+    protocol: the grid the run belongs to.
+    variant: the run's line of the table.
+    seed: the run's seed.
+    data_dir: the dataset folder passed to the trainer.
+    root: the results folder (the run's workdir is ``root/runs/SETTING/LABEL-seedS``).
+    overrides: trainer config fields replacing the protocol's (e.g. ``stop_after_epoch``).
+    progress: the trainer's progress bar.
+    workdir: the run's folder when not :func:`run_dir`'s (a tuned protocol's).
+    learning_rate: the base rate when not the registry's (a tuned protocol's).
+
+  Returns:
+    False when the run was already finished or stopped (and skipped), True when it trained.
+  """
   from examples import training
 
   trainer = _trainer(protocol.task)
+  config_fields = {**protocol.config, **(overrides or {})}
+  workdir = run_dir(protocol, variant, seed, root) if workdir is None else workdir
+  done = _finished_epochs(workdir)
+  rate = "" if learning_rate is None else f" lr {learning_rate:.3g}"
+  name = f"[{protocol.name}] {variant.label}{rate} seed {seed}"
+  if done >= config_fields["epochs"] or metrics.read_stopped(workdir) is not None:
+    how = "finished" if done >= config_fields["epochs"] else "stopped on a non-finite value"
+    print(f"{name}: {how}, skipped", flush=True)
+    return False
+  print(f"{name}: {'resuming' if done else 'starting'} in {_shown(workdir)}", flush=True)
+  start = time.perf_counter()
   config = trainer.Config(
     **config_fields,
     optimizer=variant.optimizer,
@@ -370,12 +434,12 @@ def _train_one(
     progress=progress,
     learning_rate=learning_rate,
   )
-  start = time.perf_counter()
   try:
     trainer.train_and_evaluate(config)
   except training.NonFiniteLossError as e:
     print(f"  stopped: {e}", flush=True)
   print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+  return True
 
 
 def run_tuned(
@@ -389,24 +453,18 @@ def run_tuned(
   progress: bool = True,
 ) -> None:
   """Runs a tuned protocol's grids and seeds (:func:`benchmarks.tuning.plan`) until none is left."""
-  config_fields = {**protocol.config, **(overrides or {})}
   while jobs := tuning_.plan(protocol, PROTOCOLS, root, seeds, only):
     job = jobs[0]
-    done = _finished_epochs(job.workdir)
-    print(
-      f"[{protocol.name}] {job.variant.label} lr {job.learning_rate:.3g} seed {job.seed}: "
-      + ("resuming" if done else "starting")
-      + f" in {_shown(job.workdir)} ({len(jobs)} runnable now)",
-      flush=True,
-    )
-    _train_one(
+    print(f"[{protocol.name}] {len(jobs)} run(s) can start now", flush=True)
+    train_run(
       protocol,
-      config_fields,
       job.variant,
       job.seed,
-      job.workdir,
       data_dir=data_dir,
+      root=root,
+      overrides=overrides,
       progress=progress,
+      workdir=job.workdir,
       learning_rate=job.learning_rate,
     )
     write_report(protocol, seeds=seeds, root=root)
@@ -444,32 +502,20 @@ def run_grid(
       progress=progress,
     )
     return
-  config_fields = {**protocol.config, **(overrides or {})}
-  epochs = config_fields["epochs"]
-  variants = [v for v in protocol.variants if not only or v.label in only or v.optimizer in only]
-  # The optimizers the paper's claims are about go first, so a grid cut short has them.
-  variants.sort(key=lambda v: FIRST.index(v.optimizer) if v.optimizer in FIRST else len(FIRST))
-  if only and not variants:
-    valid = ", ".join(v.label for v in protocol.variants)
-    raise ValueError(f"--only {list(only)} matches no run of {protocol.name}; valid: {valid}")
+  variants = select_variants(protocol, only)
   for seed in range(seeds):
     for variant in variants:
-      workdir = run_dir(protocol, variant, seed, root)
-      done = _finished_epochs(workdir)
-      if done >= epochs or metrics.read_stopped(workdir) is not None:
-        how = "finished" if done >= epochs else "stopped on a non-finite value"
-        print(f"[{protocol.name}] {variant.label} seed {seed}: {how}, skipped", flush=True)
-        continue
-      print(
-        f"[{protocol.name}] {variant.label} seed {seed}: "
-        + ("resuming" if done else "starting")
-        + f" in {workdir}",
-        flush=True,
+      trained = train_run(
+        protocol,
+        variant,
+        seed,
+        data_dir=data_dir,
+        root=root,
+        overrides=overrides,
+        progress=progress,
       )
-      _train_one(
-        protocol, config_fields, variant, seed, workdir, data_dir=data_dir, progress=progress
-      )
-      write_report(protocol, seeds=seeds, root=root)
+      if trained:
+        write_report(protocol, seeds=seeds, root=root)
 
 
 # ---- the report: from the metrics files only ----
@@ -651,13 +697,17 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
   command = f"python -m benchmarks.reproduce {protocol.name}" + (
     f" --seeds {seeds}" if seeds != default_seeds else ""
   )
+  runs = f"benchmarks/results/runs/{protocol.setting}/"
+  if pathlib.Path(root).resolve() != RESULTS:  # another results folder: name it by its runs only
+    command += " --results DIR"
+    runs = f"DIR/runs/{protocol.setting}/, DIR being the folder above this one"
   if protocol.tuning is not None:
-    return _write_tuned_report(protocol, out, command, seeds, root, plot)
+    return _write_tuned_report(protocol, out, command, runs, seeds, root, plot)
   text = (
     f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
     f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
     f"deviation over seeds where there is more than one; best final value in bold. Runs: "
-    f"`benchmarks/results/runs/{protocol.setting}/`.\n\n{table(protocol, seeds, root)}"
+    f"`{runs}`.\n\n{table(protocol, seeds, root)}"
   )
   (out / "table.md").write_text(text)
   workdirs, labels = [], []  # one line per variant: the mean over its seeds, their range shaded
@@ -679,14 +729,19 @@ def write_report(protocol: Protocol, *, seeds: int, root: pathlib.Path = RESULTS
 
 
 def _write_tuned_report(
-  protocol: Protocol, out: pathlib.Path, command: str, seeds: int, root: pathlib.Path, plot: Any
+  protocol: Protocol,
+  out: pathlib.Path,
+  command: str,
+  runs: str,
+  seeds: int,
+  root: pathlib.Path,
+  plot: Any,
 ) -> pathlib.Path:
   text = (
     f"# {protocol.name}\n\n{protocol.about}\n\nMade by `{command}`; regenerate the tables and "
     f"figures from the committed metrics with `{command} --report-only`. Mean ± standard "
     f"deviation over seeds; a difference is paired by seed, with a 95% t-interval over the "
-    f"seeds. Runs: `benchmarks/results/runs/{protocol.setting}/`.\n\n"
-    + tuning_.report(protocol, PROTOCOLS, root, seeds)
+    f"seeds. Runs: `{runs}`.\n\n" + tuning_.report(protocol, PROTOCOLS, root, seeds)
   )
   (out / "table.md").write_text(text)
   groups = tuning_.chosen_workdirs(protocol, PROTOCOLS, root, seeds)
@@ -702,7 +757,12 @@ def _write_tuned_report(
 
 
 def commands(
-  protocol: Protocol, *, seeds: int, only: Sequence[str] = (), data_dir: str | None = None
+  protocol: Protocol,
+  *,
+  seeds: int,
+  only: Sequence[str] = (),
+  data_dir: str | None = None,
+  root: pathlib.Path = RESULTS,
 ) -> list[str]:
   """One shell command per run that can start now and is not finished (each writes only its
   own folder); for a tuned protocol, rerun it as runs finish to get the next ones."""
@@ -713,19 +773,18 @@ def commands(
   if protocol.tuning is not None:
     jobs = [
       (j.variant, j.seed, j.workdir, j.learning_rate)
-      for j in tuning_.plan(protocol, PROTOCOLS, RESULTS, seeds, only)
+      for j in tuning_.plan(protocol, PROTOCOLS, root, seeds, only)
     ]
   else:
     jobs = [
-      (v, seed, run_dir(protocol, v, seed), None)
+      (v, seed, run_dir(protocol, v, seed, root), None)
       for seed in range(seeds)
-      for v in protocol.variants
-      if (not only or v.label in only or v.optimizer in only)
-      and _finished_epochs(run_dir(protocol, v, seed)) < protocol.config["epochs"]
-      and metrics.read_stopped(run_dir(protocol, v, seed)) is None
+      for v in select_variants(protocol, only)
+      if _finished_epochs(run_dir(protocol, v, seed, root)) < protocol.config["epochs"]
+      and metrics.read_stopped(run_dir(protocol, v, seed, root)) is None
     ]
   for variant in protocol.variants if protocol.tuning is not None else ():
-    if waiting := tuning_.grid(protocol, variant, PROTOCOLS, RESULTS).waiting:
+    if waiting := tuning_.grid(protocol, variant, PROTOCOLS, root).waiting:
       print(f"# {variant.label} {waiting}", file=sys.stderr)
   lines = []
   for variant, seed, workdir, rate in jobs:
@@ -760,6 +819,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--only", nargs="*", default=(), help="only these optimizers / labels")
   parser.add_argument("--data-dir", default=None, help="dataset folder (default: $PADAM_DATA_DIR)")
   parser.add_argument("--report-only", action="store_true", help="only rewrite table and figures")
+  parser.add_argument(
+    "--results",
+    type=pathlib.Path,
+    default=RESULTS,
+    metavar="DIR",
+    help="results folder: runs in DIR/runs/SETTING/, reports in DIR/PROTOCOL/ (default: "
+    "benchmarks/results)",
+  )
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   parser.add_argument(
     "--commands",
@@ -779,7 +846,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if seeds < 1:
     parser.error(f"--seeds must be >= 1, got {seeds}")
   if args.commands:
-    print("\n".join(commands(protocol, seeds=seeds, only=args.only, data_dir=args.data_dir)))
+    lines = commands(
+      protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, root=args.results
+    )
+    print("\n".join(lines))
     return 0
   if not args.report_only:
     from examples import cli
@@ -787,12 +857,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_xla([])
     try:
       run_grid(
-        protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, progress=not args.no_progress
+        protocol,
+        seeds=seeds,
+        only=args.only,
+        data_dir=args.data_dir,
+        root=args.results,
+        progress=not args.no_progress,
       )
     except (ValueError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-  out = write_report(protocol, seeds=seeds)
+  out = write_report(protocol, seeds=seeds, root=args.results)
   print((out / "table.md").read_text())
   return 0
 

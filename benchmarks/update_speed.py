@@ -19,10 +19,15 @@ Run from the repository root::
 
   python -m benchmarks.update_speed --out benchmarks/results/update_speed.md
   python -m benchmarks.update_speed --quick   # tiny trees, a smoke test
+  python -m benchmarks.update_speed --no-torch --steps-per-call 50   # on an accelerator
   python -m benchmarks.update_speed --tree resnet18 --no-torch --rounds 15 \
     --rows "padam p=1/8" "padam p traced" "padam p=1/8, lr injected" "padam p=0.2" \
     "padam p=0.2 traced" "optax amsgrad" --out benchmarks/results/traced_p_speed.md
     # chosen rows only, a short table
+
+``--steps-per-call K`` runs K steps in one jitted ``lax.fori_loop`` per timed call and reports
+the time per step: on an accelerator a step of these trees takes less time than the Python call
+that launches it, so one step per call would time the launch, not the step.
 
 ``--rows`` also offers rows the full table leaves out (``padam p=0.2``, a
 ``p`` without a square-root form, as a number and traced; ``padam p=1/8, lr injected``, Padam under
@@ -129,20 +134,26 @@ def tree_bytes(tree: Any) -> int:
 
 @dataclasses.dataclass
 class Bench:
-  """The tree under test: JAX parameters and gradients, and PyTorch copies."""
+  """The tree under test: JAX parameters and gradients, and PyTorch copies.
+
+  Attributes:
+    steps_per_call: optimizer steps one timed call of a JAX row runs (in a ``lax.fori_loop``); its
+      time is divided by them.
+  """
 
   name: str
   shapes: Shapes
   params: dict[str, jax.Array]
   grads: dict[str, jax.Array]
   torch_params: list[Any] | None
+  steps_per_call: int = 1
 
   @property
   def size(self) -> int:
     return sum(int(np.prod(s)) for s in self.shapes.values())
 
   @classmethod
-  def build(cls, name: str, shapes: Shapes, with_torch: bool) -> Bench:
+  def build(cls, name: str, shapes: Shapes, with_torch: bool, steps_per_call: int = 1) -> Bench:
     rng = np.random.default_rng(0)
     params, grads, torch_params = {}, {}, [] if with_torch else None
     for key, shape in shapes.items():
@@ -153,21 +164,30 @@ class Bench:
         tensor = torch.nn.Parameter(torch.from_numpy(x))
         tensor.grad = torch.from_numpy(g)
         torch_params.append(tensor)
-    return cls(name, shapes, params, grads, torch_params)
+    return cls(name, shapes, params, grads, torch_params, steps_per_call)
 
 
 class JaxRunner:
-  """One jitted, donating training-loop step of an Optax transformation."""
+  """One jitted, donating training-loop step of an Optax transformation.
+
+  With ``bench.steps_per_call`` above 1, a call runs that many steps in a ``lax.fori_loop`` (the
+  same gradients each step), so the launch of the call is paid once for all of them.
+  """
 
   def __init__(self, bench: Bench, tx: optax.GradientTransformation):
     self.bench = bench
     self.init = jax.jit(tx.init)
+    self.steps_per_call = bench.steps_per_call
 
     def step(grads, params, state):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    self.step_fn = jax.jit(step, donate_argnums=(1, 2))
+    def steps(grads, params, state):
+      body = lambda _, carry: step(grads, *carry)  # noqa: E731
+      return jax.lax.fori_loop(0, self.steps_per_call, body, (params, state))
+
+    self.step_fn = jax.jit(step if self.steps_per_call == 1 else steps, donate_argnums=(1, 2))
     self.state = None
 
   def setup(self) -> None:
@@ -354,7 +374,15 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
   return rows
 
 
-def measure(bench: Bench, rows: list[Row], rounds: int, steps: int, log) -> None:
+def measure(
+  bench: Bench, rows: list[Row], rounds: int, steps: int, log, analyse: bool = True
+) -> None:
+  """Times ``rows`` on ``bench``: ``rounds`` interleaved rounds of ``steps`` timed calls per row.
+
+  Fills in each row's ``times`` (seconds per optimizer step), ``state_bytes`` and
+  ``state_arrays``; with ``analyse``, also the compiled step's HLO text and scratch memory (one more
+  compilation per JAX row).
+  """
   runners = [row.make(bench) for row in rows]
   for r in range(rounds + 1):  # round 0 compiles and warms up, untimed
     order = [(i + r) % len(rows) for i in range(len(rows))]
@@ -365,17 +393,19 @@ def measure(bench: Bench, rows: list[Row], rounds: int, steps: int, log) -> None
       if r == 0:
         row.state_bytes = runner.state_bytes()
         if row.kind != "torch":
+          arrays = [x for x in jax.tree.leaves(runner.state) if x.ndim > 0]
+          row.state_arrays = len(arrays) / len(bench.shapes)
+        if row.kind != "torch" and analyse:
           compiled = runner.compiled()
           row.hlo = compiled.as_text()
           memory = compiled.memory_analysis()
           row.temp_bytes = memory.temp_size_in_bytes if memory is not None else 0
-          arrays = [x for x in jax.tree.leaves(runner.state) if x.ndim > 0]
-          row.state_arrays = len(arrays) / len(bench.shapes)
       else:
+        per_call = getattr(runner, "steps_per_call", 1)
         for _ in range(steps):
           start = time.perf_counter()
           runner.step()
-          row.times.append(time.perf_counter() - start)
+          row.times.append((time.perf_counter() - start) / per_call)
       runner.teardown()
     log(f"  {bench.name}: round {r}/{rounds} done, load {os.getloadavg()[0]:.2f}")
 
@@ -677,6 +707,38 @@ def torch_rows(no_torch: bool) -> tuple[bool, str]:
   return True, f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def trees(which: str = "all", quick: bool = False) -> list[tuple[str, str, Shapes]]:
+  """The parameter trees to time, by name: ``"resnet18"``, ``"transformer"`` or ``"all"``.
+
+  Args:
+    which: the tree, or ``"all"`` for both.
+    quick: scaled-down trees of the same layout (ResNet widths /8; 2 transformer layers of
+      width 64), for a smoke test.
+
+  Returns:
+    (key, heading, shapes) per tree, the ResNet-18 first.
+  """
+  if quick:
+    found = [
+      ("resnet18", "ResNet-18-shaped (quick: widths /8)", resnet18_shapes(widths=(8, 16, 32, 64))),
+      (
+        "transformer",
+        "Transformer-shaped (quick: 2 layers, width 64)",
+        transformer_shapes(layers=2, width=64, vocab=512, context=64),
+      ),
+    ]
+  else:
+    found = [
+      ("resnet18", "ResNet-18-shaped (CIFAR)", resnet18_shapes()),
+      (
+        "transformer",
+        "Transformer-shaped (12 layers, width 768, vocab 16384)",
+        transformer_shapes(),
+      ),
+    ]
+  return [tree for tree in found if which in ("all", tree[0])]
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.update_speed", description=__doc__.splitlines()[0]
@@ -684,7 +746,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true", help="tiny trees and few repeats")
   parser.add_argument("--out", default=None, help="markdown file to write (default: stdout only)")
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 2)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
+  parser.add_argument("--steps", type=int, default=3, help="timed calls per row per round")
+  parser.add_argument(
+    "--steps-per-call",
+    type=int,
+    default=1,
+    help="optimizer steps per timed call of a JAX row, in a jitted loop (on an accelerator, "
+    "enough that a call takes well over its launch)",
+  )
   parser.add_argument(
     "--no-torch",
     action="store_true",
@@ -713,28 +782,12 @@ def main(argv: list[str] | None = None) -> None:
   if not with_torch:
     log(torch_note)
   load_start = os.getloadavg()
-  if args.quick:
-    trees = [
-      ("ResNet-18-shaped (quick: widths /8)", resnet18_shapes(widths=(8, 16, 32, 64))),
-      (
-        "Transformer-shaped (quick: 2 layers, width 64)",
-        transformer_shapes(layers=2, width=64, vocab=512, context=64),
-      ),
-    ]
-  else:
-    trees = [
-      ("ResNet-18-shaped (CIFAR)", resnet18_shapes()),
-      ("Transformer-shaped (12 layers, width 768, vocab 16384)", transformer_shapes()),
-    ]
-  trees = [
-    t
-    for t, key in zip(trees, ("resnet18", "transformer"), strict=True)
-    if args.tree in ("all", key)
-  ]
+  if args.steps_per_call < 1:
+    parser.error(f"--steps-per-call must be >= 1, got {args.steps_per_call}")
   results = []
-  for name, shapes in trees:
+  for _, name, shapes in trees(args.tree, args.quick):
     log(f"{name}: building")
-    bench = Bench.build(name, shapes, with_torch)
+    bench = Bench.build(name, shapes, with_torch, args.steps_per_call)
     # The per-parameter PyTorch loop takes seconds a step on the large tree: its
     # weight-decay row is timed on the ResNet tree only, to keep a run short.
     decays = (0.0, WEIGHT_DECAY) if not results else (0.0,)
@@ -764,6 +817,11 @@ def main(argv: list[str] | None = None) -> None:
     "warm-up round; each visit builds the state, takes one untimed step, then times "
     "steps (update + apply_updates, parameters and state donated)",
   }
+  if args.steps_per_call > 1:
+    header["method"] += (
+      f"; each timed call of a JAX row runs {args.steps_per_call} steps in a jitted "
+      "lax.fori_loop, its time divided by them"
+    )
   text = render_rows(results, header) if args.rows else render(results, header, targets, forms)
   print(text)
   if args.out:

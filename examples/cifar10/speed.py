@@ -14,16 +14,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from typing import IO
 
-from examples import metrics
+from examples import metrics, speed
 
 
 def measure(
-  model: str, steps: int, batch_size: int, data_dir: str | None, xnnpack: bool, optimizer: str
+  model: str,
+  steps: int,
+  batch_size: int,
+  data_dir: str | None,
+  xnnpack: bool,
+  optimizer: str,
+  *,
+  extra_args: Sequence[str] = (),
+  timeout: float | None = None,
+  stderr: IO[str] | None = None,
 ) -> dict:
+  """Runs the trainer for one epoch of ``steps`` steps in a fresh process; returns its throughput.
+
+  Args:
+    model, steps, batch_size, data_dir, optimizer: the run (``data_dir``: the folder of
+      ``cifar10.npz``, or None for the trainer's default).
+    xnnpack: XNNPACK on (the trainer's default) or off (``--no-xnnpack``).
+    extra_args: more trainer flags, e.g. ``("--dtype", "bfloat16")``.
+    timeout: seconds after which the trainer is killed (``subprocess.TimeoutExpired``).
+    stderr: where the trainer's standard error goes (default: this process's).
+
+  Returns:
+    The record: ``images_per_second`` (training only, compilation excluded), ``train_seconds``,
+    ``wall_seconds`` (the whole process), ``num_params``, the load averages and the command.
+  """
   with tempfile.TemporaryDirectory() as workdir:
     command = [
       sys.executable,
@@ -44,18 +68,15 @@ def measure(
       "--workdir",
       workdir,
       "--no-progress",
+      *extra_args,
     ]
     if data_dir:
       command += ["--data-dir", data_dir]
     if not xnnpack:
       command.append("--no-xnnpack")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xnnpack" not in f)
-    load_before = os.getloadavg()[0]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    load_after = os.getloadavg()[0]
+    run = speed.run_trainer(command, timeout=timeout, stderr=stderr)
     (record,) = metrics.read_metrics(workdir)
-    run = metrics.read_run(workdir)
+    info = metrics.read_run(workdir)
   return {
     "model": model,
     "xnnpack": xnnpack,
@@ -63,9 +84,10 @@ def measure(
     "steps": steps,
     "images_per_second": record["images_per_second"],
     "train_seconds": record["train_seconds"],
-    "num_params": run["num_params"],
-    "load_before": load_before,
-    "load_after": load_after,
+    "wall_seconds": run.wall_seconds,
+    "num_params": info["num_params"],
+    "load_before": run.load_before,
+    "load_after": run.load_after,
     "cpus": os.cpu_count(),
     # The record names no folder of the machine that made it.
     "command": " ".join(command[1:]).replace(workdir, "TMP").replace(data_dir or "\0", "DIR"),

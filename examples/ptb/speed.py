@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from typing import IO
 
-from examples import metrics
+from examples import metrics, speed
 from examples.ptb import input_pipeline, models
 
 
@@ -40,7 +41,27 @@ def measure(
   xnnpack: bool,
   optimizer: str,
   eval_lines: int,
+  *,
+  extra_args: Sequence[str] = (),
+  timeout: float | None = None,
+  stderr: IO[str] | None = None,
 ) -> dict:
+  """Runs the trainer for one epoch of ``steps`` windows in a fresh process; returns its throughput.
+
+  Args:
+    model, steps, batch_size, optimizer: the run.
+    data_dir: the folder of the real PTB files; the run's valid and test files are their first
+      ``eval_lines`` lines.
+    xnnpack: XNNPACK on (the trainer's default) or off (``--no-xnnpack``).
+    eval_lines: lines of the valid and test files kept.
+    extra_args: more trainer flags, e.g. ``("--dtype", "bfloat16")``.
+    timeout: seconds after which the trainer is killed (``subprocess.TimeoutExpired``).
+    stderr: where the trainer's standard error goes (default: this process's).
+
+  Returns:
+    The record: ``tokens_per_second`` (training only, compilation excluded), ``train_seconds``,
+    ``wall_seconds`` (the whole process), ``num_params``, the load averages and the command.
+  """
   bptt = models.MODELS[model].bptt
   with tempfile.TemporaryDirectory() as tmp:
     data, workdir = pathlib.Path(tmp) / "data", pathlib.Path(tmp) / "run"
@@ -65,16 +86,13 @@ def measure(
       "--workdir",
       str(workdir),
       "--no-progress",
+      *extra_args,
     ]
     if not xnnpack:
       command.append("--no-xnnpack")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xnnpack" not in f)
-    load_before = os.getloadavg()[0]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    load_after = os.getloadavg()[0]
+    run = speed.run_trainer(command, timeout=timeout, stderr=stderr)
     (record,) = metrics.read_metrics(workdir)
-    run = metrics.read_run(workdir)
+    info = metrics.read_run(workdir)
     shown = " ".join(command[1:]).replace(str(data), "DATA").replace(str(workdir), "TMP")
   return {
     "model": model,
@@ -84,9 +102,10 @@ def measure(
     "steps": record["step"],
     "tokens_per_second": record["tokens_per_second"],
     "train_seconds": record["train_seconds"],
-    "num_params": run["num_params"],
-    "load_before": load_before,
-    "load_after": load_after,
+    "wall_seconds": run.wall_seconds,
+    "num_params": info["num_params"],
+    "load_before": run.load_before,
+    "load_after": run.load_after,
     "cpus": os.cpu_count(),
     "command": shown,
   }

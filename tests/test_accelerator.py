@@ -1,0 +1,163 @@
+"""The accelerator kit (benchmarks/accelerator.py) at toy sizes: its files, its budget, its reruns.
+
+The trainer processes of the throughput step are replaced by a stand-in that checks their command
+line with the trainer's own parser and writes the metrics a trainer would (a real trainer process
+compiles for most of a minute on a small CPU); the update step and the training comparison run
+for real, on two-array trees and the smallest CIFAR-10 model.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from test_cifar10 import synthetic_cifar
+from test_faults import TinyNet
+
+from benchmarks import accelerator, reproduce
+from examples import speed
+from examples.cifar10 import __main__ as cifar_main
+from examples.cifar10 import models
+from examples.ptb import __main__ as ptb_main
+
+pytestmark = pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
+
+PROTOCOL = reproduce.Protocol(
+  name="kit-test",
+  task="cifar10",
+  setting="kit-test",
+  config=dict(
+    model="tiny",
+    train_size=20,
+    test_size=10,
+    batch_size=10,
+    epochs=1,
+    eval_batch_size=10,
+    devices=1,
+  ),
+  variants=(reproduce.Variant("sgdm", "sgdm"), reproduce.Variant("padam", "padam")),
+)
+SETTINGS = accelerator.Settings(
+  trees=(("small", "two arrays", {"conv/kernel": (3, 3, 2, 4), "conv/bias": (4,)}),),
+  protocol=PROTOCOL,
+  rounds=1,
+  calls=2,
+  steps_per_call=2,
+  cifar_model="resnet8_w0.5",
+  cifar_steps=2,
+  cifar_batch=10,
+  ptb_model="lstm2-tiny",
+  ptb_steps=2,
+  ptb_batch=2,
+  ptb_eval_lines=2,
+  tree_seconds=0.0,
+  trainer_seconds=0.0,
+  margin_seconds=0.0,
+)
+TEXT = " the cat sat on a mat\n a dog ran\n"
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+  monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
+  folder = tmp_path / "data"
+  (folder / "ptb").mkdir(parents=True)
+  np.savez(folder / "cifar10.npz", **synthetic_cifar(n_train=20, n_test=10))
+  for split, repeats in (("train", 40), ("valid", 2), ("test", 2)):
+    (folder / "ptb" / f"ptb.{split}.txt").write_text(TEXT * repeats)
+  return accelerator.find_data(str(folder))
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+  """Stands in for the trainer processes; returns the command lines it was given."""
+  commands = []
+
+  def run_trainer(command, *, timeout=None, stderr=None):
+    commands.append(list(command))
+    module, argv = command[2], command[3:]
+    args = (cifar_main if module == "examples.cifar10" else ptb_main).parse_args(argv)
+    assert ("--dtype" in argv) == accelerator.has_dtype_flag()
+    unit = "images" if module == "examples.cifar10" else "tokens"
+    record = {"epoch": 1, "step": 2, "train_seconds": 0.5, f"{unit}_per_second": 640.0}
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(exist_ok=True)
+    (workdir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (workdir / "run.json").write_text(json.dumps({"num_params": 1234}))
+    return speed.TrainerRun(0.0, 0.0, 1.5)
+
+  monkeypatch.setattr(speed, "run_trainer", run_trainer)
+  return commands
+
+
+def test_help_names_every_option(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    accelerator.main(["--help"])
+  assert exit_info.value.code == 0
+  usage = capsys.readouterr().out
+  for option in ("--out", "--data-dir", "--tiny", "--budget-minutes", "--only", "--redo"):
+    assert option in usage
+
+
+def read(out, step):
+  return json.loads((out / f"{step}.json").read_text())
+
+
+def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, trainers, capsys):
+  # No time at all: nothing runs, and the summary says what was not done and why.
+  spent = accelerator.Kit(tmp_path / "spent", SETTINGS, data, budget_seconds=0)
+  assert accelerator.run_kit(spent) == 0
+  assert not trainers
+  statuses = [p["status"] for step in accelerator.STEPS for p in read(spent.out, step)["parts"]]
+  skipped = 0 if accelerator.has_dtype_flag() else 1  # the bfloat16 row, without --dtype
+  assert statuses.count("not run") == 1 + 3 - skipped + 2 and statuses.count("skipped") == skipped
+  summary = (spent.out / "summary.md").read_text()
+  assert "Not done:" in summary and "of the budget left, a call to train one epoch takes" in summary
+
+  kit = accelerator.Kit(tmp_path / "out", SETTINGS, data, budget_seconds=600)
+  assert accelerator.run_kit(kit) == 0
+  out = kit.out
+  (tree,) = read(out, "update-step")["parts"]
+  assert [r["optimizer"] for r in tree["rows"]] == list(accelerator.UPDATE_ROWS)
+  for row in tree["rows"]:
+    assert row["median_ms"] > 0 and row["gb_per_s"] > 0 and row["of_peak"] is None  # a CPU
+  floor = tree["rows"][-1]
+  assert floor["moved_bytes"] == 9 * tree["param_bytes"] and floor["vs_floor"] == 1.0
+  assert "| padam p traced |" in (out / "update-step.md").read_text()
+
+  rows = {p["key"]: p for p in read(out, "throughput")["parts"]}
+  assert rows["cifar10-float32"]["rate"] == rows["ptb-float32"]["rate"] == 640.0
+  bf16 = rows["cifar10-bfloat16"]
+  if accelerator.has_dtype_flag():
+    assert bf16["status"] == "done" and "--dtype bfloat16" in bf16["command"]
+  else:
+    assert bf16["status"] == "skipped" and "--dtype" in bf16["reason"]
+  assert len(trainers) == 2 + accelerator.has_dtype_flag()
+  assert data.given not in (out / "throughput.json").read_text()  # the data folder shown as DATA
+
+  record = read(out, "gpu-short")
+  assert record["status"] == "done"
+  assert [p["epochs_done"] for p in record["parts"]] == [1, 1]
+  table = (out / "kit-test" / "table.md").read_text()
+  assert "| sgdm | **" in table or "| padam | **" in table
+  assert (out / "kit-test" / "figure2_curves.png").stat().st_size > 0
+  assert (out / "runs" / "kit-test" / "padam-seed0" / "metrics.jsonl").is_file()
+  assert not (out / "runs" / "kit-test" / "padam-seed0" / "checkpoints").exists()
+
+  summary = (out / "summary.md").read_text()
+  assert kit.device["device_kind"] in summary and f"jax {kit.device['jax']}" in summary
+  for step in accelerator.STEPS:
+    assert f"| {step} | done | " in summary
+
+  # A rerun skips every finished step; one whose last row was cut short measures that row only.
+  capsys.readouterr()
+  assert accelerator.run_kit(kit) == 0
+  assert capsys.readouterr().out.count("done in an earlier run, skipped") == 3
+  throughput = read(out, "throughput")
+  throughput["status"] = "partial"
+  throughput["parts"][-1] |= {"status": "not run", "reason": "budget"}
+  (out / "throughput.json").write_text(json.dumps(throughput))
+  before = len(trainers)
+  assert accelerator.run_kit(kit, ["throughput"]) == 0
+  assert [c[2] for c in trainers[before:]] == ["examples.ptb"]
+  assert read(out, "throughput")["status"] == "done"
