@@ -10,7 +10,8 @@ metrics must equal those of one process of 8 devices. That process also runs CIF
 optimizer state split four ways.
 
 Every run is a subprocess with its own device count; XLA:CPU's backend optimizations are off in
-them (:data:`FAST_COMPILE`), as compiling is what these tiny runs would spend their time on.
+all of them alike (:data:`FAST_COMPILE`), as compiling is what these tiny runs would spend their
+time on.
 
 This file is also the worker the tests start: ``python tests/test_multiprocess.py TASK ARGS...``
 runs ``python -m examples.TASK ARGS...`` with the tests' small models registered (``--then ARGS``
@@ -39,6 +40,8 @@ from examples.ptb import models as ptb_models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOLD = "HOLD_AFTER_EPOCH"
+# Ample for a start (imports, compiling) on a busy 2-core machine; a hung run fails, it does not stall.
+TIMEOUT = 300
 TIMING = {
   "epoch_seconds",
   "train_seconds",
@@ -73,12 +76,14 @@ def register_models() -> None:
 
 
 def _hold_after(epoch: int) -> None:
-  """Makes the run wait, when it would start epoch ``epoch`` + 1, until it is killed."""
+  """Makes the run wait, when it would start epoch ``epoch`` + 1, until it is killed (or exit
+  with an error after :data:`TIMEOUT` seconds, should nobody kill it)."""
   train_epoch = training.train_epoch
 
   def held(steps, state, task, config, number, *args, **kwargs):
     if number > epoch:
-      time.sleep(3600)
+      time.sleep(TIMEOUT)
+      raise SystemExit(f"held after epoch {epoch} for {TIMEOUT} s and not killed")
     return train_epoch(steps, state, task, config, number, *args, **kwargs)
 
   training.train_epoch = held
@@ -113,10 +118,8 @@ def worker(argv: list[str]) -> int:
 pytestmark = pytest.mark.standard_promotion
 
 DEVICES = 8
-# Ample for a start (imports, compiling) on a busy 2-core machine; a hung run fails, it does not stall.
-TIMEOUT = 300
 # XLA:CPU's backend optimizations off: the programs compile several times faster (they are tiny;
-# compiling is what these tests would spend their time on) and compute the same numbers.
+# compiling is what these tests would spend their time on). Every run of these tests has it.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
