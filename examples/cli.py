@@ -192,7 +192,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type) -> None
   """Adds a flag for every field of the dataclass ``config_type`` made with :func:`setting`.
 
   The fields of its root class (``examples.training.LoopConfig``) go in a group shared by every
-  trainer, together with ``--no-xnnpack`` and ``--distributed``; the task's own fields come first.
+  trainer, together with ``--no-xnnpack`` and the launch flags (``--distributed``,
+  ``--coordinator``, ``--num-processes``, ``--process-id``); the task's own fields come first.
   A field ``name`` is set by ``--name`` (``_`` as ``-``, or its ``flag`` metadata) with the type of its
   annotation; a bool is a switch (``--no-NAME`` when it defaults to True; ``--NAME/--no-NAME`` when
   it may be None); a mapping is a repeatable ``KEY=VALUE`` (:func:`parse_hparam`). The default is
@@ -214,11 +215,84 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type) -> None
     action="store_true",
     help=f"do not add {XNNPACK_FLAG} to $XLA_FLAGS (XLA:CPU only)",
   )
-  shared.add_argument(
+  _add_launch_flags(shared)
+
+
+def _add_launch_flags(group: Any) -> None:
+  """The flags of a multi-process launch (see :func:`distributed_settings`)."""
+  group.add_argument(
     "--distributed",
     action="store_true",
-    help="call jax.distributed.initialize() first (multi-host launch)",
+    help="call jax.distributed.initialize() first, with what the cluster provides (a TPU pod, "
+    "Slurm, Open MPI, ...): every process runs the same command",
   )
+  group.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    help="launch by hand: the address where process 0 runs the coordinator; every process runs "
+    "the same command but --process-id (with --num-processes)",
+  )
+  group.add_argument(
+    "--num-processes", type=int, metavar="N", help="number of processes (with --coordinator)"
+  )
+  group.add_argument(
+    "--process-id", type=int, metavar="I", help="this process: 0 to N-1 (with --coordinator)"
+  )
+
+
+def distributed_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+  """The keywords of ``jax.distributed.initialize`` the launch flags ask for, or None.
+
+  ``--coordinator HOST:PORT`` with ``--num-processes N`` and ``--process-id I`` give them all;
+  ``--distributed`` alone gives none (JAX finds them in the cluster's environment).
+
+  Raises:
+    ValueError: one line naming the flag, its value and what is valid.
+  """
+  coordinator = getattr(args, "coordinator", None)
+  count = getattr(args, "num_processes", None)
+  index = getattr(args, "process_id", None)
+  if coordinator is None:
+    for flag, value in (("--num-processes", count), ("--process-id", index)):
+      if value is not None:
+        raise ValueError(
+          f"{flag} {value} is not valid without --coordinator HOST:PORT (the address of process 0)"
+        )
+    return {} if getattr(args, "distributed", False) else None
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(
+      f"--coordinator {coordinator!r} is not valid; expected HOST:PORT, e.g. 10.0.0.1:8476"
+    )
+  if count is None or index is None:
+    raise ValueError(
+      f"--coordinator {coordinator} is not valid alone; add --num-processes N (how many "
+      "processes) and --process-id I (this one's number, 0 to N-1)"
+    )
+  check_int("--num-processes", count, minimum=1)
+  if not 0 <= index < count:
+    raise ValueError(
+      f"--process-id {index} is not valid; expected 0 to {count - 1} (one number per process of "
+      f"--num-processes {count})"
+    )
+  return {"coordinator_address": coordinator, "num_processes": count, "process_id": index}
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+  """Joins a multi-process run as the launch flags say (:func:`distributed_settings`); nothing
+  without them. Call it before JAX computes anything.
+
+  XLA:CPU's collectives between processes use Gloo (unless ``$JAX_CPU_COLLECTIVES_IMPLEMENTATION``
+  names another), so that a run of several CPU processes works as one of several hosts.
+  """
+  settings = distributed_settings(args)
+  if settings is None:
+    return
+  import jax
+
+  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**settings)
 
 
 def config_from_args(config_type: type, args: argparse.Namespace) -> Any:
@@ -269,7 +343,7 @@ def run(
 
   Args:
     main: the trainer's work (making its config included, so that a bad value is one line).
-    args: the parsed flags (for ``--distributed``).
+    args: the parsed flags (for the launch flags, :func:`initialize_distributed`).
     expected: further exception types to report as one line (e.g. the trainer's data error).
 
   Returns:
@@ -277,13 +351,10 @@ def run(
     :data:`EXIT_NON_FINITE` (3) for a non-finite loss or state. Any other exception propagates
     (Python exits with 1, :data:`EXIT_INTERNAL`).
   """
-  import jax
-
   from examples import training
 
-  if args.distributed:
-    jax.distributed.initialize()
   try:
+    initialize_distributed(args)
     main()
   except training.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -5,9 +5,11 @@ derived from :class:`LoopConfig`; :func:`train` does the rest, the same way for 
 
 - the optimizer from the one registry, ``examples.optimizers.make_optimizer``, its learning rate
   logged per epoch;
-- one jitted, functional train step (``nnx.split``/``nnx.merge``) built from the task's loss, with
-  the batch sharded over the ``data`` axis of a ``jax.make_mesh`` mesh and the model and optimizer
-  state replicated, so the same code runs on one CPU or many accelerators;
+- one jitted, functional train step (``nnx.split``/``nnx.merge``) built from the task's loss, on
+  a ``data`` x ``fsdp`` ``jax.make_mesh`` mesh: the batch split over every device, the model and
+  optimizer state replicated or, with ``--mesh ...,fsdp=K``, its large arrays split over ``fsdp``
+  (:func:`fsdp_spec`), so the same code runs on one CPU, many accelerators or many processes
+  (``jax.distributed``; the primary process writes the files and prints);
 - a per-epoch carried state (an LSTM's hidden state; ``None`` for feed-forward tasks) that is reset at
   the start of each epoch and threaded through the steps without gradient;
 - an epoch-end evaluation that the task drives (a test set, or whole valid/test token streams);
@@ -63,7 +65,14 @@ Carry = Any  # a pytree of arrays whose leading axis is the batch, or None
 Sums = dict[str, jax.Array]  # per-step metric sums, e.g. {"loss": sum, "correct": n, "count": n}
 
 DATA_AXIS = "data"
-# Config fields that may change between a run and its resumption without changing its results.
+FSDP_AXIS = "fsdp"
+# The axes of every run's mesh, in this order; a batch is split over all of them (over every device).
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Under ``--mesh ...,fsdp=K`` (K > 1), arrays of the state with at least this many elements are
+# split over the fsdp axis; smaller ones (biases, BatchNorm statistics, counters, keys) are replicated.
+FSDP_MIN_SIZE = 4096
+# Config fields that may change between a run and its resumption without changing its results
+# (the mesh changes only where the arrays live: a checkpoint restores onto any layout).
 RESUMABLE_FIELDS = frozenset(
   {
     "resume",
@@ -72,6 +81,7 @@ RESUMABLE_FIELDS = frozenset(
     "workdir",
     "stop_after_epoch",
     "devices",
+    "mesh",
     "data_dir",
     "eval_every",
     "checkpoint_every",
@@ -144,6 +154,14 @@ class LoopConfig:
   devices: int | None = cli.setting(
     None, help="number of devices to split the batch over (default: all)"
   )
+  mesh: str | None = cli.setting(
+    None,
+    metavar="AXIS=N,...",
+    help=f"device mesh, e.g. data=2,fsdp=4: every batch is split over all its devices; the "
+    f"parameters and optimizer state of at least {FSDP_MIN_SIZE} elements are split over fsdp "
+    "(FSDP), the rest replicated. The sizes multiply to the devices used (default: data=DEVICES, "
+    "the state replicated)",
+  )
   progress: bool = cli.setting(True, help="no progress bar (one line per epoch is still printed)")
   eval_every: int = cli.setting(
     1,
@@ -175,6 +193,8 @@ class LoopConfig:
     cli.check_int("--devices", self.devices, minimum=1, optional=True)
     cli.check_int("--eval-every", self.eval_every, minimum=1)
     cli.check_int("--checkpoint-every", self.checkpoint_every, minimum=1)
+    if self.mesh is not None:
+      parse_mesh(self.mesh)
     cli.check_int("stop_after_epoch", self.stop_after_epoch, minimum=1, optional=True)
     if self.learning_rate is not None:
       cli.check_number("--lr", self.learning_rate, positive=True)
@@ -316,15 +336,141 @@ class Task:
     raise NotImplementedError
 
 
-def make_mesh(devices: int | None = None) -> jax.sharding.Mesh:
-  """A one-axis ``data`` mesh over the first ``devices`` devices (all of them by default)."""
+def parse_mesh(text: str) -> dict[str, int]:
+  """The axis sizes of ``--mesh``: ``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}``.
+
+  An axis left out has size 1.
+
+  Raises:
+    ValueError: one line naming ``--mesh``, the value and what is valid, for bad syntax, an unknown
+      or repeated axis, or a size that is not a positive integer.
+  """
+  valid = (
+    "expected AXIS=SIZE pairs joined by commas over the axes data and fsdp, e.g. data=2,fsdp=4"
+  )
+  if not isinstance(text, str):
+    raise ValueError(f"--mesh {text!r} is not valid; {valid}")
+  sizes: dict[str, int] = {}
+  for part in text.split(","):
+    name, sep, value = (x.strip() for x in part.partition("="))
+    if not sep or not name:
+      raise ValueError(f"--mesh {text!r} is not valid; {valid}")
+    if name not in MESH_AXES:
+      raise ValueError(f"--mesh {text!r} is not valid; unknown axis {name!r} ({valid})")
+    if name in sizes:
+      raise ValueError(f"--mesh {text!r} is not valid; axis {name!r} is given twice")
+    if not value.isdigit() or int(value) < 1:
+      raise ValueError(
+        f"--mesh {text!r} is not valid; the size of {name!r} must be a positive integer"
+      )
+    sizes[name] = int(value)
+  return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def mesh_sizes(mesh: str | None, count: int) -> dict[str, int]:
+  """The size of each axis of :data:`MESH_AXES` for a run on ``count`` devices.
+
+  Args:
+    mesh: the ``--mesh`` text, or None for every device on ``data`` (the state replicated).
+    count: the number of devices the run uses.
+
+  Raises:
+    ValueError: when ``mesh`` is not valid (:func:`parse_mesh`) or its sizes do not multiply to
+      ``count``.
+  """
+  if mesh is None:
+    return {DATA_AXIS: count, FSDP_AXIS: 1}
+  sizes = parse_mesh(mesh)
+  product = math.prod(sizes.values())
+  if product != count:
+    raise ValueError(
+      f"--mesh {mesh} is not valid; its sizes multiply to {product}, but the run uses {count} "
+      "devices (all there are, or --devices)"
+    )
+  return sizes
+
+
+def make_mesh(devices: int | None = None, mesh: str | None = None) -> jax.sharding.Mesh:
+  """The run's ``data`` x ``fsdp`` mesh over the first ``devices`` devices (all by default).
+
+  Args:
+    devices: how many devices, or None for all of them (of every process).
+    mesh: the ``--mesh`` text (:func:`mesh_sizes`), or None for every device on ``data``.
+  """
   available = jax.devices()
   count = len(available) if devices is None else devices
   if not 0 < count <= len(available):
     raise ValueError(f"asked for {devices} devices; {len(available)} are available")
+  sizes = mesh_sizes(mesh, count)
   return jax.make_mesh(
-    (count,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=available[:count]
+    tuple(sizes[axis] for axis in MESH_AXES),
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=available[:count],
   )
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Where an array of ``shape`` lives on a mesh whose ``fsdp`` axis has ``fsdp`` devices.
+
+  It is split over ``fsdp`` along its largest dimension that ``fsdp`` divides (the first of equal
+  ones); it is replicated when ``fsdp`` is 1, when it has fewer than ``min_size`` elements, or when
+  no dimension divides. An optimizer's per-parameter state (Padam's ``mu``, ``nu``, ``nu_max``) has
+  its parameter's shape, so it is split as its parameter is.
+
+  Examples:
+    >>> fsdp_spec((3, 3, 64, 128), 4)
+    P(None, None, None, 'fsdp')
+    >>> fsdp_spec((128,), 4), fsdp_spec((30, 501), 4)
+    (P(), P())
+  """
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return P()
+  divisible = [d for d, n in enumerate(shape) if n % fsdp == 0]
+  if not divisible:
+    return P()
+  split = max(divisible, key=lambda d: shape[d])
+  return P(*(FSDP_AXIS if d == split else None for d in range(len(shape))))
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """A NamedSharding per array of ``state`` (arrays or ``jax.ShapeDtypeStruct``), by :func:`fsdp_spec`."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), state)
+
+
+def is_primary() -> bool:
+  """Whether this is the process that writes metrics.jsonl and run.json and prints (process 0)."""
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  """Prints ``message`` on stderr, from the primary process only (:func:`is_primary`)."""
+  if is_primary():
+    print(message, file=sys.stderr, flush=True)
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of a multi-process run got here (nothing in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def host_value(x: Any) -> np.ndarray:
+  """The whole of array ``x`` on the host of every process.
+
+  An array split over the devices of several processes is gathered (collectively: every process
+  must call this for the same arrays in the same order); a replicated one is read locally.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _to_saveable(leaf: Any) -> Any:
@@ -340,16 +486,15 @@ def _from_saved(saved: Any, like: Any) -> Any:
   return saved
 
 
-def host_leaves(state: Any) -> list[np.ndarray]:
-  """The leaves of ``state`` as host arrays, in the form a checkpoint stores them (typed PRNG keys
-  as their raw data). The state is replicated: each process reads its own copy."""
-  out = []
+def host_leaves(state: Any) -> Iterator[np.ndarray]:
+  """The leaves of ``state`` as whole host arrays, one at a time, in the form a checkpoint stores
+  them (typed PRNG keys as their raw data).
+
+  A leaf split over the devices of several processes is gathered (:func:`host_value`): every
+  process gets the same arrays, so every process computes the same digest from them.
+  """
   for leaf in jax.tree.leaves(state):
-    leaf = _to_saveable(leaf)
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      leaf = leaf.addressable_data(0)
-    out.append(np.asarray(leaf))
-  return out
+    yield host_value(_to_saveable(leaf))
 
 
 def state_digest(leaves: Iterable[np.ndarray]) -> str:
@@ -464,7 +609,7 @@ class Checkpoints:
     try:
       self.restore(epoch, state)
     except CheckpointError as e:
-      print(f"warning: {self._describe(epoch)} {e}; deleted it", file=sys.stderr, flush=True)
+      say(f"warning: {self._describe(epoch)} {e}; deleted it")
       self.manager.delete(epoch)
       return False
     self.verified = [*self.verified, epoch][-self.keep :]
@@ -513,10 +658,10 @@ class Checkpoints:
         failed.append((epoch, f"{self._describe(epoch)} {e}"))
         continue
       for bad, reason in failed:
-        print(f"warning: {reason}; deleted, continuing from epoch {epoch}", file=sys.stderr)
+        say(f"warning: {reason}; deleted, continuing from epoch {epoch}")
         self.manager.delete(bad)
       if "sha256" not in meta:
-        print(f"warning: {self._describe(epoch)} has no digest; used unverified", file=sys.stderr)
+        say(f"warning: {self._describe(epoch)} has no digest; used unverified")
       self.verified = [epoch]
       return state, meta
     if failed:
@@ -606,12 +751,23 @@ def _check_same_run(
 
 
 def check_devices(config: LoopConfig) -> int:
-  """The number of devices the run uses; ValueError if there are not enough or the batch does not
-  split over them."""
+  """The number of devices the run uses; ValueError if there are not enough, ``--mesh`` does not
+  fit them, or the batch does not split over them.
+
+  A multi-process run uses the devices of every process: all of them (``--devices`` may only
+  name their number).
+  """
   available = len(jax.devices())
   count = available if config.devices is None else config.devices
+  processes = jax.process_count()
+  if processes > 1 and count != available:
+    raise ValueError(
+      f"--devices {count} is not valid; a run of {processes} processes uses all their "
+      f"{available} devices (shape them with --mesh)"
+    )
   if count > available:
     raise ValueError(f"--devices {count} is not valid; this machine has {available} device(s)")
+  mesh_sizes(config.mesh, count)
   if config.batch_size % count:
     raise ValueError(
       f"--batch-size {config.batch_size} is not valid; it must be a multiple of the {count} "
@@ -675,7 +831,7 @@ def check_workdir(config: LoopConfig) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     for folder in (workdir, workdir / CHECKPOINTS_DIR):
       if folder.exists():
-        probe = folder / f".write-probe-{os.getpid()}"
+        probe = folder / f".write-probe-{jax.process_index()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
   except OSError as e:
@@ -774,11 +930,39 @@ def check_same_data(config: LoopConfig, task: Task) -> None:
     )
 
 
+def check_same_on_every_process(config: LoopConfig, task: Task) -> None:
+  """Raises ValueError, on every process, unless all processes of a multi-process run have the
+  same settings and data (SHA-256 of both, compared through a collective); nothing in a single
+  process. The folders (``workdir``, ``data_dir``) may be named differently on different hosts.
+  Every process must call it: it also waits for them all."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  settings = {k: v for k, v in _jsonable_config(config).items() if k not in ("workdir", "data_dir")}
+  text = json.dumps({"config": settings, "data": task.describe_data()}, sort_keys=True)
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest))
+  differ = [i for i, row in enumerate(digests) if not np.array_equal(row, digests[0])]
+  if differ:
+    raise ValueError(
+      f"the processes of this run differ in their settings or data (process 0 and process(es) "
+      f"{', '.join(map(str, differ))}): every process must run the same command (but "
+      "--process-id) on the same data"
+    )
+
+
 def remove_previous_run(config: LoopConfig) -> None:
-  """With ``--overwrite``, deletes the previous run's metrics.jsonl, run.json and checkpoints/."""
+  """With ``--overwrite``, deletes the previous run's metrics.jsonl, run.json and checkpoints/.
+
+  In a multi-process run the primary process deletes them, and every process waits for it.
+  """
   workdir = pathlib.Path(config.workdir)
   found = previous_run_files(workdir)
   if not config.overwrite or not found:
+    return
+  if not is_primary():
+    sync_processes("previous run removed")
     return
   for name in PREVIOUS_RUN_FILES:
     path = workdir / name
@@ -786,7 +970,8 @@ def remove_previous_run(config: LoopConfig) -> None:
       shutil.rmtree(path)
     elif path.exists():
       path.unlink()
-  print(f"Replaced the previous run in {workdir} ({', '.join(found)}).", file=sys.stderr)
+  say(f"Replaced the previous run in {workdir} ({', '.join(found)}).")
+  sync_processes("previous run removed")
 
 
 # ---- the steps of a run, in the order train() takes them ----
@@ -827,11 +1012,22 @@ class Model:
     train_graph: the graph of (model, optimizer) in training mode.
     eval_graph: the same in eval mode.
     num_params: number of parameters.
+    shardings: where each array of the state lives on the mesh (:func:`state_shardings`).
   """
 
   train_graph: nnx.GraphDef
   eval_graph: nnx.GraphDef
   num_params: int
+  shardings: Any = None
+
+
+def _create(
+  task: Task, tx: optax.GradientTransformation, root: jax.Array
+) -> tuple[nnx.Module, nnx.Optimizer]:
+  model = task.init_model(
+    nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
+  )
+  return model, nnx.Optimizer(model, task.transform(tx), wrt=nnx.Param)
 
 
 def make_state(
@@ -840,30 +1036,29 @@ def make_state(
   """Initializes the task's model and an ``nnx.Optimizer`` with ``task.transform(tx)`` from ``root``.
 
   The parameters are drawn from ``fold_in(root, 0)`` and the dropout stream from
-  ``fold_in(root, 2)``.
+  ``fold_in(root, 2)``. One jitted program creates every array where it lives on ``mesh``
+  (:func:`state_shardings`): a split array is never whole on one device.
 
   Returns:
     The model's graphs and the state of (model, optimizer) (parameters, batch statistics, RNG
-    streams, optimizer state), replicated over ``mesh``.
+    streams, optimizer state), laid out over ``mesh``.
   """
-
-  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
-  # parameter shape, which costs seconds each on a small CPU.
-  @nnx.jit
-  def create(root):
-    model = task.init_model(
-      nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
-    )
-    return model, nnx.Optimizer(model, task.transform(tx), wrt=nnx.Param)
-
-  model, optimizer = create(root)
+  model, optimizer = nnx.eval_shape(functools.partial(_create, task, tx), root)
   model.train()
-  train_graph, state = nnx.split((model, optimizer))
+  train_graph, abstract = nnx.split((model, optimizer))
   model.eval()
   eval_graph = nnx.graphdef((model, optimizer))
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  return Model(train_graph, eval_graph, int(num_params)), state
+  shardings = state_shardings(abstract, mesh)
+
+  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
+  # parameter shape, which costs seconds each on a small CPU.
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def create(root):
+    return nnx.split(_create(task, tx, root))[1]
+
+  state = create(root)
+  return Model(train_graph, eval_graph, int(num_params), shardings), state
 
 
 def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoch_key, step):
@@ -889,12 +1084,14 @@ class Steps:
   """The jitted train and eval steps of a run, and the placement of batches on the mesh.
 
   The train step is compiled once, on the first batch (:meth:`compile`), before any clock starts.
+  Both steps take and give the state in its layout (``model.shardings``) and batches split over
+  every device of the mesh.
 
   Attributes:
-    mesh: the one-axis ``data`` mesh.
-    num_devices: devices the batch axis is split over.
-    replicated: the sharding of the model and optimizer state (and the metric sums).
-    data_sharded: the sharding of batches and carries (leading axis over ``data``).
+    mesh: the ``data`` x ``fsdp`` mesh.
+    num_devices: devices the batch axis is split over (all of the mesh's).
+    replicated: the sharding of the metric sums (and of the state's small arrays).
+    batch_sharded: the sharding of batches and carries (leading axis over every mesh axis).
     eval: the jitted eval step, ``(state, carry, batch) -> (carry, sums)``.
   """
 
@@ -902,26 +1099,33 @@ class Steps:
     self.mesh = mesh
     self.num_devices = mesh.devices.size
     self.replicated = NamedSharding(mesh, P())
-    self.data_sharded = NamedSharding(mesh, P(DATA_AXIS))
+    self.batch_sharded = NamedSharding(mesh, P(MESH_AXES))
     self._task = task
     self._train_graph = model.train_graph
+    state = model.shardings
+    # The key and the step index are host values of every process (None: replicated).
     self._train = jax.jit(
       functools.partial(_train_step, task, model.train_graph),
       donate_argnums=(0, 1, 2),
-      out_shardings=(self.replicated, self.data_sharded, self.replicated),
+      in_shardings=(state, self.batch_sharded, self.replicated, self.batch_sharded, None, None),
+      out_shardings=(state, self.batch_sharded, self.replicated),
     )
     self._compiled = None
     self.eval = jax.jit(
       functools.partial(_eval_step, task, model.eval_graph),
-      out_shardings=(self.data_sharded, self.replicated),
+      in_shardings=(state, self.batch_sharded, self.batch_sharded),
+      out_shardings=(self.batch_sharded, self.replicated),
     )
 
   def shard(self, tree: Any) -> Any:
-    """Places a batch (or carry) with its leading axis split over the devices."""
+    """Places a batch (or carry) with its leading axis split over the devices.
+
+    In a multi-process run every process holds the same global batch (the same data, order and
+    seed); each places only the rows of its own devices.
+    """
     if jax.process_count() == 1:
-      return jax.device_put(tree, self.data_sharded)
-    # Every process computes the same global batch; each device takes its slice of it.
-    return jax.tree.map(lambda x: _global_array(np.asarray(x), self.data_sharded), tree)
+      return jax.device_put(tree, self.batch_sharded)
+    return jax.tree.map(lambda x: _global_array(np.asarray(x), self.batch_sharded), tree)
 
   def zero_sums(self, state: Any, carry: Carry, batch: Batch, key: jax.Array) -> Sums:
     """Zeros for each metric sum the task's loss returns (found by tracing it, not running it)."""
@@ -933,18 +1137,18 @@ class Steps:
     keys = jax.eval_shape(batch_sums, state, carry, batch)
     if "count" not in keys:
       raise ValueError("Task.loss must return sums with a 'count' entry")
-    return {k: jax.device_put(jnp.zeros((), jnp.float32), self.replicated) for k in keys}
+    return {k: jax.device_put(np.zeros((), np.float32), self.replicated) for k in keys}
 
   def compile(self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array) -> None:
     """Compiles the train step for these shapes, once per run."""
     if self._compiled is None:
-      self._compiled = self._train.lower(state, carry, sums, batch, key, jnp.int32(0)).compile()
+      self._compiled = self._train.lower(state, carry, sums, batch, key, np.int32(0)).compile()
 
   def train(
     self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array, index: int
   ) -> tuple[Any, Carry, Sums]:
     """One optimizer step; ``state``, ``carry`` and ``sums`` are donated."""
-    return self._compiled(state, carry, sums, batch, key, jnp.int32(index))
+    return self._compiled(state, carry, sums, batch, key, np.int32(index))
 
 
 @dataclasses.dataclass
@@ -978,6 +1182,11 @@ def _resumption(meta: Mapping[str, Any], config: LoopConfig) -> dict[str, Any]:
   return {"after_epoch": int(meta["epoch"]), "changed": changed}
 
 
+def _write_history(workdir: pathlib.Path, history: list[dict[str, Any]]) -> None:
+  if is_primary():
+    metrics.write_metrics(workdir, history)
+
+
 def restore_or_start(
   checkpoints: Checkpoints, state: Any, root: jax.Array, task: Task, config: LoopConfig
 ) -> RunState:
@@ -996,11 +1205,11 @@ def restore_or_start(
         f"{workdir} already holds checkpoints; pass --resume to continue that run, --overwrite "
         "to replace it, or choose a new --workdir"
       )
-    metrics.write_metrics(workdir, [])
+    _write_history(workdir, [])
     return RunState(state, root, [])
   restored = checkpoints.restore_newest(state)
   if restored is None:
-    metrics.write_metrics(workdir, [])
+    _write_history(workdir, [])
     return RunState(state, root, [])
   state, meta = restored
   _check_same_run(meta["config"], _jsonable_config(config), workdir)
@@ -1012,9 +1221,48 @@ def restore_or_start(
     epoch=int(meta["epoch"]),
     resumptions=[*meta.get("resumptions", []), _resumption(meta, config)],
   )
-  metrics.write_metrics(workdir, run.history)
-  print(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.", file=sys.stderr)
+  _write_history(workdir, run.history)
+  say(f"Resumed {workdir} after epoch {meta['epoch']} of {config.epochs}.")
   return run
+
+
+def _bytes_on_devices(arrays: Iterable[jax.Array]) -> tuple[int, int]:
+  """The most bytes of ``arrays`` that any one device holds, and the bytes of the whole arrays."""
+  per_device: dict[Any, int] = {}
+  total = 0
+  for x in arrays:
+    total += x.size * x.dtype.itemsize
+    for shard in x.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  most = max(per_device.values(), default=0)
+  if jax.process_count() > 1:  # the fullest device of any process (as 8 bytes: no int64 in JAX)
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(int(most).to_bytes(8, "little"), np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(mine))
+    most = max(int.from_bytes(row.tobytes(), "little") for row in gathered)
+  return int(most), int(total)
+
+
+def state_memory(state: Any) -> dict[str, int]:
+  """The bytes of the parameters and of the optimizer state, whole and on the fullest device.
+
+  Measured from the arrays' shards: ``*_bytes_per_device`` is the most that one device holds (a
+  replicated array counts whole on every device); ``param_bytes`` and ``optimizer_state_bytes``
+  are the arrays' unsplit sizes. ``state`` is the state of (model, optimizer) of
+  :func:`make_state`; the optimizer state is everything of the optimizer (moments, counters).
+  """
+  model_state, optimizer_state = state[0], state[1]
+  params = jax.tree.leaves(nnx.filter_state(model_state, nnx.Param))
+  optimizer_arrays = jax.tree.leaves(optimizer_state)
+  param_most, param_total = _bytes_on_devices(params)
+  state_most, state_total = _bytes_on_devices(optimizer_arrays)
+  return {
+    "param_bytes": param_total,
+    "param_bytes_per_device": param_most,
+    "optimizer_state_bytes": state_total,
+    "optimizer_state_bytes_per_device": state_most,
+  }
 
 
 def write_run_info(
@@ -1026,7 +1274,15 @@ def write_run_info(
   run: RunState,
 ) -> None:
   """Writes ``WORKDIR/run.json``: the config (paths relative to the current folder), the data's
-  identity, the optimizer hyperparameters, devices, versions, and the resumptions so far."""
+  identity, the optimizer hyperparameters, devices, the mesh and the memory of the state on it
+  (:func:`state_memory`), versions, and the resumptions so far.
+
+  Every process of a multi-process run calls it (the memory is measured on all of them); the
+  primary one writes the file.
+  """
+  memory = state_memory(run.state)
+  if not is_primary():
+    return
   run_info = {
     "config": _jsonable_config(config),
     "task": type(task).__name__,
@@ -1034,6 +1290,9 @@ def write_run_info(
     "optimizer": setup.hyperparams,
     "num_params": model.num_params,
     "devices": [str(d) for d in steps.mesh.devices.flat],
+    "process_count": jax.process_count(),
+    "mesh": dict(steps.mesh.shape),
+    **memory,
     "jax": jax.__version__,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "resumptions": run.resumptions,
@@ -1115,14 +1374,21 @@ def check_finite(
     raise NonFiniteLossError(_non_finite_message(what, checkpoints, learning_rate))
 
 
-def non_finite_arrays(state: Any) -> list[str]:
-  """The paths of the floating-point arrays of ``state`` that hold a NaN or an infinity."""
-  flagged = jax.tree.map(
-    lambda x: ~jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else False,
+@jax.jit
+def _non_finite_flags(state: Any) -> Any:
+  """Per array of ``state``: whether it holds a NaN or an infinity (one program for them all)."""
+  return jax.tree.map(
+    lambda x: (
+      ~jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros((), bool)
+    ),
     state,
   )
-  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(flagged))
-  return [jax.tree_util.keystr(path) for path, bad in flat if bad]
+
+
+def non_finite_arrays(state: Any) -> list[str]:
+  """The paths of the floating-point arrays of ``state`` that hold a NaN or an infinity."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(_non_finite_flags(state))
+  return [jax.tree_util.keystr(path) for path, bad in flat if bool(host_value(bad))]
 
 
 def check_finite_state(
@@ -1174,7 +1440,9 @@ def train_epoch(
       steps.compile(state, carry, sums, batch, key)
       start = time.perf_counter()
       desc = f"epoch {epoch}/{config.epochs}"
-      bar = _ProgressBar(task.steps_per_epoch, desc, task.unit, start, config.progress)
+      bar = _ProgressBar(
+        task.steps_per_epoch, desc, task.unit, start, config.progress and is_primary()
+      )
     state, carry, sums = steps.train(state, carry, sums, batch, key, index)
     if (index + 1) % log_every == 0 or index + 1 == task.steps_per_epoch:
       host = {k: float(v) for k, v in sums.items()}
@@ -1275,9 +1543,10 @@ def record_epoch(
   run.history.append(record)
   if due(run.epoch, config.checkpoint_every, last_epoch(config)):
     save_checkpoint(checkpoints, run, task, config, task.describe_data())
-  metrics.append_metrics(config.workdir, record)
+  if is_primary():
+    metrics.append_metrics(config.workdir, record)
   shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
-  print(f"epoch {run.epoch}/{config.epochs}: {shown}", file=sys.stderr, flush=True)
+  say(f"epoch {run.epoch}/{config.epochs}: {shown}")
 
 
 def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[str, Any]]:
@@ -1297,10 +1566,12 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       made with other settings or data (or when none verifies).
   """
   config = check_run(config, task.registry_task)
-  mesh = make_mesh(config.devices)
+  mesh = make_mesh(config.devices, config.mesh)
   check_settings(task, config, mesh)
   check_same_data(config, task)
   setup = make_optimizer(task, config)
+  # Every process has checked the workdir before any of them changes it.
+  check_same_on_every_process(config, task)
   remove_previous_run(config)
   root = jax.random.key(config.seed)
   model, state = make_state(task, setup.tx, root, mesh)
@@ -1310,11 +1581,13 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
     del state  # a restored run replaces it; from here on the run holds the state
     write_run_info(task, config, setup, model, steps, run)
     stopped = pathlib.Path(config.workdir) / metrics.STOPPED_FILE
-    stopped.unlink(missing_ok=True)
+    if is_primary():
+      stopped.unlink(missing_ok=True)
     try:
       run_epochs(run, task, config, setup, steps, checkpoints, log_every=log_every)
     except NonFiniteLossError as e:
-      stopped.write_text(json.dumps({"after_epoch": run.epoch, "reason": str(e)}) + "\n")
+      if is_primary():
+        stopped.write_text(json.dumps({"after_epoch": run.epoch, "reason": str(e)}) + "\n")
       raise
   return run.history
 

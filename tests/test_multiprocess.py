@@ -1,0 +1,311 @@
+"""The trainers as several cooperating processes (``jax.distributed``), and with sharded state.
+
+Real processes: two of 4 host CPU devices each join through a coordinator on a free localhost port
+(Gloo collectives between them) and share one workdir. They train the CIFAR-10 trainer with its
+large arrays split over all 8 devices (``--mesh fsdp=8``: half of each on either process), are
+killed (SIGKILL) while the second epoch starts, and resume from the checkpoint they wrote together;
+and they train the PTB trainer, the batch rows and the carried LSTM state split over them. Their
+metrics must equal those of one process of 8 devices. That process also runs CIFAR-10 on
+``--mesh data=2,fsdp=4`` against one device (FSDP on its own), and its run.json shows the
+optimizer state split four ways.
+
+Every run is a subprocess with its own device count; XLA:CPU's backend optimizations are off in
+all of them alike (:data:`FAST_COMPILE`), as compiling is what these tiny runs would spend their
+time on.
+
+This file is also the worker the tests start: ``python tests/test_multiprocess.py TASK ARGS...``
+runs ``python -m examples.TASK ARGS...`` with the tests' small models registered (``--then ARGS``
+runs another command line of the same trainer in the same process); with ``$HOLD_AFTER_EPOCH`` set
+to E, it waits (to be killed) instead of training epoch E + 1.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from examples import metrics, training
+from examples.cifar10 import models as cifar_models
+from examples.ptb import models as ptb_models
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HOLD = "HOLD_AFTER_EPOCH"
+# Ample for a start (imports, compiling) on a busy 2-core machine; a hung run fails, it does not stall.
+TIMEOUT = 300
+TIMING = {
+  "epoch_seconds",
+  "train_seconds",
+  "eval_seconds",
+  "images_per_second",
+  "tokens_per_second",
+}
+
+
+class WideNet(nnx.Module):
+  """A CIFAR-10 model that compiles in a second and whose parameters are nearly all one large
+  matrix (3072 x 16, split under fsdp), with BatchNorm statistics as the real models have."""
+
+  def __init__(self, rngs):
+    self.norm = nnx.BatchNorm(3, rngs=rngs)
+    self.hidden = nnx.Linear(32 * 32 * 3, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm(x).reshape(x.shape[0], -1)
+    return self.out(nnx.relu(self.hidden(h)))
+
+
+# A PTB model small enough to compile in a second or two.
+SMALL_LSTM = ptb_models.ModelSpec(embed_size=12, hidden_sizes=(16,), init_scale=0.3, bptt=5)
+MODELS = {"cifar10": ("wide", WideNet), "ptb": ("small-lstm", SMALL_LSTM)}
+
+
+def register_models() -> None:
+  cifar_models.MODELS.setdefault(*MODELS["cifar10"])
+  ptb_models.MODELS.setdefault(*MODELS["ptb"])
+
+
+def _hold_after(epoch: int) -> None:
+  """Makes the run wait, when it would start epoch ``epoch`` + 1, until it is killed (or exit
+  with an error after :data:`TIMEOUT` seconds, should nobody kill it)."""
+  train_epoch = training.train_epoch
+
+  def held(steps, state, task, config, number, *args, **kwargs):
+    if number > epoch:
+      time.sleep(TIMEOUT)
+      raise SystemExit(f"held after epoch {epoch} for {TIMEOUT} s and not killed")
+    return train_epoch(steps, state, task, config, number, *args, **kwargs)
+
+  training.train_epoch = held
+
+
+def worker(argv: list[str]) -> int:
+  """Runs ``TASK ARGS [--then ARGS]...`` (see the module's docstring); the first failing status."""
+  task, *args = argv
+  register_models()
+  if HOLD in os.environ:
+    _hold_after(int(os.environ[HOLD]))
+  if task == "cifar10":
+    from examples.cifar10 import __main__ as main
+  else:
+    from examples.ptb import __main__ as main
+  runs = [[]]
+  for arg in args:
+    if arg == "--then":
+      runs.append([])
+    else:
+      runs[-1].append(arg)
+  for run in runs:
+    status = main.main(run)
+    if status:
+      return status
+  return 0
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+# optax's step-decay schedule compares a float with the int32 step (see test_training.py).
+pytestmark = pytest.mark.standard_promotion
+
+DEVICES = 8
+# XLA:CPU's backend optimizations off: the programs compile several times faster (they are tiny;
+# compiling is what these tests would spend their time on). Every run of these tests has it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def worker_env(devices: int, hold: int | None) -> dict[str, str]:
+  """This process's environment (its compilation cache included) for a worker of ``devices``."""
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  env.pop(HOLD, None)
+  if hold is not None:
+    env[HOLD] = str(hold)
+  return env
+
+
+class Run:
+  """The processes of one run on :data:`DEVICES` devices in all, their output in
+  ``folder/NAME-I.log``: one process, or several that share the devices."""
+
+  def __init__(
+    self, folder: pathlib.Path, name: str, task: str, args: list[str], processes: int, hold=None
+  ):
+    address = f"127.0.0.1:{free_port()}"
+    self.logs = [folder / f"{name}-{i}.log" for i in range(processes)]
+    self.processes = []
+    for i, log in enumerate(self.logs):
+      launch = ["--coordinator", address, "--num-processes", str(processes), "--process-id", str(i)]
+      with open(log, "w") as out:
+        self.processes.append(
+          subprocess.Popen(
+            [sys.executable, __file__, task, *(launch if processes > 1 else []), *args],
+            cwd=ROOT,
+            env=worker_env(DEVICES // processes, hold),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
+    self.deadline = time.monotonic() + TIMEOUT
+
+  def output(self) -> str:
+    return "\n".join(
+      f"--- process {i} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+      for i, log in enumerate(self.logs)
+    )
+
+  def fail(self, why: str) -> None:
+    self.kill()
+    pytest.fail(f"{why}\n{self.output()}")
+
+  def wait(self) -> None:
+    """Waits for every process to exit; fails unless each exits with 0."""
+    for process in self.processes:
+      try:
+        process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        self.fail(f"the run did not finish in {TIMEOUT} s")
+    codes = [process.returncode for process in self.processes]
+    if any(codes):
+      self.fail(f"exit statuses {codes}")
+
+  def wait_for_epochs(self, workdir: pathlib.Path, epochs: int) -> None:
+    """Waits until metrics.jsonl records ``epochs`` epochs, the processes still running."""
+    path = metrics.metrics_path(workdir)
+    while not (path.is_file() and len(path.read_text().splitlines()) >= epochs):
+      if any(process.poll() is not None for process in self.processes):
+        self.fail(f"a process exited before epoch {epochs} was recorded")
+      if time.monotonic() > self.deadline:
+        self.fail(f"epoch {epochs} was not recorded in {TIMEOUT} s")
+      time.sleep(0.2)
+
+  def kill(self) -> None:
+    """SIGKILL to every process still running."""
+    for process in self.processes:
+      if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+      process.wait()
+
+
+@pytest.fixture
+def launch(tmp_path):
+  """Starts the runs of a test (``launch(name, task, args, processes=2, hold=None)``); kills what
+  is left of them when the test ends."""
+  runs = []
+
+  def start(name, task, args, processes=2, hold=None):
+    runs.append(Run(tmp_path, name, task, args, processes, hold))
+    return runs[-1]
+
+  yield start
+  for run in runs:
+    run.kill()
+
+
+def max_differences(got, expected) -> dict[str, float]:
+  """The largest relative difference of each metric over the epochs (timings left out)."""
+  assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
+  keys = sorted(k for k in expected[0] if k not in TIMING)
+  assert keys == sorted(k for k in got[0] if k not in TIMING)
+  return {
+    k: max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(got, expected, strict=True))
+    for k in keys
+  }
+
+
+def flags(**settings) -> list[str]:
+  return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+def test_cifar10_sharded_and_in_two_processes_killed_and_resumed_as_one(tmp_path, launch):
+  from test_cifar10 import synthetic_cifar
+
+  from benchmarks import state_memory
+  from examples import optimizers
+
+  data = tmp_path / "data"
+  data.mkdir()
+  np.savez(data / "cifar10.npz", **synthetic_cifar(n_train=32, n_test=16))
+  args = flags(model="wide", epochs=2, batch_size=16, eval_batch_size=16, data_dir=data)
+  args += ["--no-progress", "--no-xnnpack"]
+  one, sharded, two = (tmp_path / name for name in ("one", "sharded", "two"))
+  # One process of 8 devices: a run on one of them, then one on all as data=2 x fsdp=4.
+  on_one = [*args, "--devices", "1", "--workdir", str(one)]
+  on_eight = [*args, "--mesh", "data=2,fsdp=4", "--workdir", str(sharded)]
+  single = launch("single", "cifar10", [*on_one, "--then", *on_eight], processes=1)
+  two_args = [*args, "--mesh", "fsdp=8", "--workdir", str(two)]
+  # Killed while it waits to start epoch 2: checkpoint 1 is whole, written by both processes.
+  first = launch("first", "cifar10", two_args, hold=1)
+  first.wait_for_epochs(two, 1)
+  first.kill()
+  assert [p.returncode for p in first.processes] == [-signal.SIGKILL] * 2
+  assert sorted(os.listdir(two / "checkpoints")) == ["1"]
+  resumed = launch("resumed", "cifar10", [*two_args, "--resume"])
+  single.wait()
+  resumed.wait()
+
+  # FSDP in one process: data=2 x fsdp=4 trains as one device does, a quarter of the state each.
+  differences = max_differences(metrics.read_metrics(sharded), metrics.read_metrics(one))
+  print(f"cifar10, data=2,fsdp=4 vs 1 device, largest relative differences: {differences}")
+  assert max(differences.values()) < 1e-5, differences
+  run = metrics.read_run(sharded)
+  ratio = run["optimizer_state_bytes_per_device"] / run["optimizer_state_bytes"]
+  print(f"optimizer state per device / whole: {ratio:.4f} ({run['optimizer_state_bytes']} B)")
+  assert run["mesh"] == {"data": 2, "fsdp": 4} and 0.25 <= ratio < 0.3
+  assert run["param_bytes_per_device"] < 0.3 * run["param_bytes"]
+  # The memory table of docs/scaling.md computes these bytes from shapes: the same numbers.
+  tx = optimizers.make_optimizer("padam", task="cifar10", steps_per_epoch=2, epochs=2).tx
+  planned = state_memory.memory(*state_memory.nnx_state(lambda: WideNet(nnx.Rngs(0)), tx), 4)
+  assert planned == {k: run[k] for k in planned}
+
+  # Two processes, killed and resumed, as one process of 8 devices.
+  differences = max_differences(metrics.read_metrics(two), metrics.read_metrics(sharded))
+  print(f"cifar10, 2 processes (fsdp=8, killed, resumed) vs 1: {differences}")
+  assert max(differences.values()) < 1e-5, differences
+  run = metrics.read_run(two)
+  assert run["process_count"] == 2 and run["mesh"] == {"data": 1, "fsdp": 8}
+  assert run["resumptions"] == [{"after_epoch": 1, "changed": {}}]
+  assert run["optimizer_state_bytes_per_device"] < 0.15 * run["optimizer_state_bytes"]
+  # The primary process alone writes and prints: one epoch line, one "Resumed" in both logs.
+  output = "".join(log.read_text() for log in resumed.logs)
+  assert output.count("epoch 2/2:") == 1 and output.count("Resumed") == 1, resumed.output()
+
+
+def test_two_processes_train_ptb_as_one(tmp_path, launch):
+  from test_ptb import PATTERN, write_corpus
+
+  data = write_corpus(tmp_path / "data", PATTERN * 30, PATTERN * 3, PATTERN * 2)
+  args = flags(model="small-lstm", optimizer="sgdm", epochs=2, batch_size=8, eval_batch_size=8)
+  args += ["--data-dir", str(data), "--no-progress", "--no-xnnpack"]
+  one = launch("one", "ptb", [*args, "--workdir", str(tmp_path / "one")], processes=1)
+  two = launch("two", "ptb", [*args, "--workdir", str(tmp_path / "two")])
+  one.wait()
+  two.wait()
+  differences = max_differences(
+    metrics.read_metrics(tmp_path / "two"), metrics.read_metrics(tmp_path / "one")
+  )
+  print(f"ptb, 2 processes vs 1: {differences}")
+  assert max(differences.values()) < 1e-5, differences
+  assert metrics.read_run(tmp_path / "two")["mesh"] == {"data": 8, "fsdp": 1}
+
+
+if __name__ == "__main__":
+  sys.exit(worker(sys.argv[1:]))
