@@ -83,6 +83,8 @@ def test_non_finite_state_is_not_checkpointed_and_a_lower_lr_continues(tmp_path)
   assert "epoch 1" in message and "--resume" in message and "--lr (e.g. 0.01)" in message
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
   assert [r["epoch"] for r in metrics.read_metrics(cfg.workdir)] == [1]
+  stopped = metrics.read_stopped(cfg.workdir)
+  assert stopped["after_epoch"] == 1 and "non-finite" in stopped["reason"]
   # The kept checkpoint is finite: resuming from it with half the rate trains on finitely, the new
   # base rate taking the same decay steps (3 epochs of 4 steps: x0.1 from step 6 and 9).
   history = training.train(
@@ -93,6 +95,7 @@ def test_non_finite_state_is_not_checkpointed_and_a_lower_lr_continues(tmp_path)
   run = metrics.read_run(cfg.workdir)
   assert run["resumptions"] == [{"after_epoch": 1, "changed": {"learning_rate": [None, 0.05]}}]
   assert run["optimizer"]["learning_rate"] == 0.05
+  assert metrics.read_stopped(cfg.workdir) is None  # the resumed run removed it
 
 
 def _data_files(checkpoint):
