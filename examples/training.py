@@ -595,7 +595,10 @@ def _check_hparam_type(key: str, value: Any, default: Any) -> None:
   if callable(value):
     return  # a schedule (e.g. of p), through the Python API; the optimizer checks it
   text = f"--hparam {key}={json.dumps(value, default=repr)} is not valid"
-  if isinstance(default, bool):
+  if key in optimizers.DTYPE_HYPERPARAMS:
+    if value is not None and optimizers.dtype_name(value) is None:
+      raise ValueError(f"{text}; expected {optimizers.DTYPE_CHOICES}")
+  elif isinstance(default, bool):
     if not isinstance(value, bool):
       raise ValueError(f"{text}; expected true or false")
   elif isinstance(default, int | float) or default is None:
