@@ -33,6 +33,11 @@ AMSGrad is PyTorch's ``Adam(amsgrad=True)`` (the maximum of the raw second
 moment, as the authors ran it), which is ``padam_jax.padam`` at ``p = 1/2``;
 ``optax.amsgrad`` takes the maximum of the bias-corrected moment instead.
 
+Every optimizer but Yogi, partial RMSprop, Adagrad and Adadelta also takes
+``mu_dtype``: the dtype its first moment (SGD's momentum buffer) is stored in,
+``"float32"``, ``"bfloat16"`` or ``"float16"``; None, the default, keeps the
+parameters' dtype.
+
 The registry is a table, :data:`REGISTRY`: name -> builder and default
 hyperparameters (per task where they differ). The partially adaptive family and
 AMSBound are not in the paper; their entries are untuned starting points derived
@@ -57,6 +62,12 @@ TASKS = ("cifar10", "ptb2", "ptb3")
 
 DECAY_FACTOR = 0.1
 DECAY_FRACTIONS = (0.5, 0.75)
+
+# Hyperparameters that name a dtype: ``mu_dtype``, the dtype the first moment (or momentum buffer)
+# is kept in; None (the default) keeps it in the parameters' dtype.
+DTYPE_HYPERPARAMS = frozenset({"mu_dtype"})
+MOMENT_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = "float32, bfloat16, float16, or null for the parameters' dtype"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +185,7 @@ def make_optimizer(
     valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
     raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
   hyperparams.update(overrides)
+  _check_dtypes(name, hyperparams)
   if learning_rate is not None:
     hyperparams["learning_rate"] = learning_rate
   for arg, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
@@ -214,6 +226,29 @@ def make_optimizer(
   return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
 
 
+def dtype_name(value: Any) -> str | None:
+  """The name of dtype ``value`` (``"bfloat16"``, ``jnp.bfloat16``, ...) if it is one of
+  :data:`MOMENT_DTYPES`, else None."""
+  if value is None:
+    return None  # numpy reads None as float64
+  try:
+    name = jnp.dtype(value).name
+  except (TypeError, ValueError, KeyError):
+    return None
+  return name if name in MOMENT_DTYPES else None
+
+
+def _check_dtypes(name: str, hyperparams: dict[str, Any]) -> None:
+  """Replaces each dtype hyperparameter that is not None by its name; ValueError if not valid."""
+  for key in sorted(DTYPE_HYPERPARAMS & hyperparams.keys()):
+    value = hyperparams[key]
+    if value is None:
+      continue
+    if dtype_name(value) is None:
+      raise ValueError(f"{key} {value!r} is not valid for {name!r}; expected {DTYPE_CHOICES}")
+    hyperparams[key] = dtype_name(value)
+
+
 def _check_sizes(name: str, batch_size: int | None, train_size: int | None) -> None:
   if batch_size is None or train_size is None:
     raise ValueError(
@@ -236,7 +271,13 @@ def _rising(schedule: optax.Schedule, hp: Mapping[str, Any]) -> optax.Schedule:
 def _padam_annealed(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   p = padam_jax.anneal_p(hp["anneal_steps"], hp["init_p"], hp["end_p"], shape="linear")
   return padam_jax.padam(
-    lr, p=p, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    lr,
+    p=p,
+    b1=hp["b1"],
+    b2=hp["b2"],
+    eps=hp["eps"],
+    weight_decay=hp["weight_decay"],
+    mu_dtype=hp["mu_dtype"],
   )
 
 
@@ -258,16 +299,25 @@ def _l2(hp: Mapping[str, Any], tx: optax.GradientTransformation) -> optax.Gradie
 
 def _sgdm(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   # optax.sgd's trace is PyTorch's SGD momentum buffer: b = mu b + g, x -= lr b.
-  return _l2(hp, optax.sgd(lr, momentum=hp["momentum"], nesterov=hp["nesterov"]))
+  sgd = optax.sgd(
+    lr, momentum=hp["momentum"], nesterov=hp["nesterov"], accumulator_dtype=hp["mu_dtype"]
+  )
+  return _l2(hp, sgd)
 
 
 def _adam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
-  return _l2(hp, optax.adam(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"]))
+  return _l2(hp, optax.adam(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], mu_dtype=hp["mu_dtype"]))
 
 
 def _amsgrad(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   return padam_jax.padam(
-    lr, p=0.5, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    lr,
+    p=0.5,
+    b1=hp["b1"],
+    b2=hp["b2"],
+    eps=hp["eps"],
+    weight_decay=hp["weight_decay"],
+    mu_dtype=hp["mu_dtype"],
   )
 
 
@@ -279,6 +329,7 @@ def _adamw(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformati
     b2=hp["b2"],
     eps=hp["eps"],
     weight_decay=hp["weight_decay"] / hp["learning_rate"],
+    mu_dtype=hp["mu_dtype"],
   )
 
 
@@ -296,6 +347,7 @@ def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.Gradie
       eps=hp["eps"],
       gamma=hp["gamma"],
       weight_decay=hp["weight_decay"],
+      mu_dtype=hp["mu_dtype"],
     )
 
   return build
@@ -310,6 +362,7 @@ def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformati
     eps=hp["eps"],
     weight_decay=hp["weight_decay"],
     bias_correction=hp["bias_correction"],
+    mu_dtype=hp["mu_dtype"],
   )
 
 
@@ -368,8 +421,15 @@ _BOUND = {
   **_ADAM,
   "gamma": 1e-3,
   "weight_decay": _L2,
+  "mu_dtype": None,
 }
-_PARTIAL_ADAM = {"learning_rate": _PADAM_LR, "p": _PADAM_P, **_ADAM, "weight_decay": _L2}
+_PARTIAL_ADAM = {
+  "learning_rate": _PADAM_LR,
+  "p": _PADAM_P,
+  **_ADAM,
+  "weight_decay": _L2,
+  "mu_dtype": None,
+}
 
 # The registry: name -> builder and default hyperparameters. Its order is NAMES's: the paper's seven,
 # then the partially adaptive family and AMSBound (not in the paper: untuned starting points).
@@ -381,6 +441,7 @@ REGISTRY: dict[str, Entry] = {
       "momentum": 0.9,
       "nesterov": False,
       "weight_decay": _L2,
+      "mu_dtype": None,
     },
   ),
   "adam": Entry(
@@ -391,6 +452,7 @@ REGISTRY: dict[str, Entry] = {
       "b2": _tasks(0.99, 0.999, 0.999),
       "eps": 1e-8,
       "weight_decay": _L2,
+      "mu_dtype": None,
     },
   ),
   "amsgrad": Entry(
@@ -401,6 +463,7 @@ REGISTRY: dict[str, Entry] = {
       "b2": _tasks(0.99, 0.999, 0.999),
       "eps": 1e-8,
       "weight_decay": _L2,
+      "mu_dtype": None,
     },
   ),
   "adamw": Entry(
@@ -410,6 +473,7 @@ REGISTRY: dict[str, Entry] = {
       **_ADAM,
       "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4),
       "weight_decay": None,
+      "mu_dtype": None,
     },
   ),
   "yogi": Entry(
@@ -468,6 +532,7 @@ REGISTRY: dict[str, Entry] = {
       "init_lr_ratio": 0.01,
       **_ADAM,
       "weight_decay": _L2,
+      "mu_dtype": None,
     },
     group="extra",
     anneal=True,

@@ -91,6 +91,16 @@ RESUMABLE_FIELDS = frozenset(
 # Config fields that may change when a run resumes, each change recorded in run.json
 # ("resumptions"); the learning rate's new base value applies with the same decay steps.
 CHANGEABLE_ON_RESUME = frozenset({"learning_rate"})
+# Config fields newer than some checkpoints, with the value the runs that wrote those had: a
+# checkpoint without the field resumes as if it held that value.
+ADDED_FIELDS = {"dtype": "float32"}
+# The compute dtypes of ``--dtype``: activations and the operands of convolutions and matmuls.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT16_WARNING = (
+  "warning: --dtype float16 has no loss scaling: gradients below float16's range (6e-8) become 0 "
+  "and activations or gradients above 65504 become infinite (the run then stops); bfloat16 has "
+  "float32's range"
+)
 CHECKPOINTS_DIR = "checkpoints"
 # What a previous run leaves in its workdir; a new run refuses to start over them.
 PREVIOUS_RUN_FILES = (metrics.METRICS_FILE, metrics.RUN_FILE, CHECKPOINTS_DIR, metrics.STOPPED_FILE)
@@ -150,6 +160,12 @@ class LoopConfig:
     metavar="KEY=VALUE",
     help="another optimizer hyperparameter replacing the paper's, e.g. p=0.25 or "
     "weight_decay=1e-4 (repeatable)",
+  )
+  dtype: str = cli.setting(
+    "float32",
+    choices=COMPUTE_DTYPES,
+    help="compute dtype of the activations, convolutions and matmuls; the parameters, optimizer "
+    "state, BatchNorm statistics and loss stay float32 (float16 has no loss scaling)",
   )
   devices: int | None = cli.setting(
     None, help="number of devices to split the batch over (default: all)"
@@ -735,6 +751,7 @@ def _jsonable_config(config: LoopConfig) -> dict[str, Any]:
 def _check_same_run(
   saved: Mapping[str, Any], current: Mapping[str, Any], directory: pathlib.Path
 ) -> None:
+  saved = {**ADDED_FIELDS, **saved}
   may_change = RESUMABLE_FIELDS | CHANGEABLE_ON_RESUME
   differ = sorted(
     k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k)
@@ -780,7 +797,10 @@ def _check_hparam_type(key: str, value: Any, default: Any) -> None:
   if callable(value):
     return  # a schedule (e.g. of p), through the Python API; the optimizer checks it
   text = f"--hparam {key}={json.dumps(value, default=repr)} is not valid"
-  if isinstance(default, bool):
+  if key in optimizers.DTYPE_HYPERPARAMS:
+    if value is not None and optimizers.dtype_name(value) is None:
+      raise ValueError(f"{text}; expected {optimizers.DTYPE_CHOICES}")
+  elif isinstance(default, bool):
     if not isinstance(value, bool):
       raise ValueError(f"{text}; expected true or false")
   elif isinstance(default, int | float) or default is None:
@@ -1566,6 +1586,8 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       made with other settings or data (or when none verifies).
   """
   config = check_run(config, task.registry_task)
+  if config.dtype == "float16":
+    say(FLOAT16_WARNING)
   mesh = make_mesh(config.devices, config.mesh)
   check_settings(task, config, mesh)
   check_same_data(config, task)

@@ -157,9 +157,9 @@ def _must_not_run(*args, **kwargs):
 class TinyNet(nnx.Module):
   """Batch statistics and a linear layer: the smallest CIFAR-10 model with the real one's state."""
 
-  def __init__(self, rngs):
+  def __init__(self, rngs, dtype=jnp.float32):
     self.norm = nnx.BatchNorm(3, rngs=rngs)
-    self.out = nnx.Linear(3, 10, rngs=rngs)
+    self.out = nnx.Linear(3, 10, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.out(jnp.mean(self.norm(x), axis=(1, 2)))

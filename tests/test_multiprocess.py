@@ -55,7 +55,8 @@ class WideNet(nnx.Module):
   """A CIFAR-10 model that compiles in a second and whose parameters are nearly all one large
   matrix (3072 x 16, split under fsdp), with BatchNorm statistics as the real models have."""
 
-  def __init__(self, rngs):
+  def __init__(self, rngs, dtype=None):
+    del dtype  # float32 only
     self.norm = nnx.BatchNorm(3, rngs=rngs)
     self.hidden = nnx.Linear(32 * 32 * 3, 16, rngs=rngs)
     self.out = nnx.Linear(16, 10, rngs=rngs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -266,3 +267,24 @@ def test_padamw_normalized_decay_and_padam_without_bias_correction():
   updates, _ = setup.tx.update(jnp.asarray(g), setup.tx.init(params), params)
   ref = PadamReference(0.125, wd=5e-4, bias_correction=False)
   np.testing.assert_allclose(updates, ref.update(g, np.asarray(params), 0.1), rtol=1e-5)
+
+
+def test_mu_dtype_keeps_the_first_moment_in_that_dtype():
+  with_mu = [n for n in optimizers.NAMES if "mu_dtype" in optimizers.paper_hyperparams(n, "ptb2")]
+  assert set(optimizers.NAMES) - set(with_mu) == {
+    "yogi",
+    "partial_rmsprop",
+    "partial_adagrad",
+    "partial_adadelta",
+  }
+  params = {"w": jnp.zeros(3)}
+  for name in with_mu:
+    assert optimizers.make_optimizer(name, "ptb2", **BUILD).hyperparams["mu_dtype"] is None
+    for value in ("bfloat16", jnp.bfloat16):
+      setup = optimizers.make_optimizer(name, "ptb2", mu_dtype=value, **BUILD)
+      assert setup.hyperparams["mu_dtype"] == "bfloat16"
+      dtypes = [x.dtype for x in jax.tree.leaves(setup.tx.init(params)) if x.ndim]
+      assert jnp.bfloat16 in dtypes, (name, dtypes)
+  for bad in ("float64", "int8", 3, True):
+    with pytest.raises(ValueError, match=r"mu_dtype .* is not valid for 'padam'; expected float32"):
+      optimizers.make_optimizer("padam", "cifar10", mu_dtype=bad, **BUILD)

@@ -16,6 +16,11 @@ zero-padded channels), which make a training step cheap enough for a CPU.
 
 Every convolution uses He-normal initialization (fan-out, as the reference WRN); BatchNorm uses
 PyTorch's defaults (momentum 0.1, i.e. Flax's 0.9, epsilon 1e-5).
+
+Mixed precision: ``dtype`` (float32, bfloat16 or float16) is the dtype of the activations and of
+the operands of every convolution and linear layer. The parameters are float32 whatever it is
+(cast to ``dtype`` where they are used, so their gradients are float32), BatchNorm computes its
+statistics, running averages and normalization in float32, and the logits are float32.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _conv(
   rngs: nnx.Rngs,
   *,
   use_bias: bool = False,
+  dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> nnx.Conv:
   return nnx.Conv(
     in_features,
@@ -49,13 +55,42 @@ def _conv(
     padding=((kernel // 2, kernel // 2), (kernel // 2, kernel // 2)),
     use_bias=use_bias,
     kernel_init=_he_normal,
+    dtype=dtype,
+    param_dtype=jnp.float32,
     rngs=rngs,
   )
 
 
-def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+class BatchNorm(nnx.BatchNorm):
+  """``nnx.BatchNorm`` computed in float32 whatever the input's dtype; the output in the input's.
+
+  Under bfloat16 or float16 activations the batch statistics, the running averages and the
+  normalization stay float32, and only the result is rounded.
+  """
+
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    y = super().__call__(x.astype(jnp.float32), use_running_average, mask=mask)
+    return y.astype(x.dtype)
+
+
+def _batch_norm(features: int, rngs: nnx.Rngs) -> BatchNorm:
   # PyTorch's BatchNorm2d defaults: running = 0.9 running + 0.1 batch, eps 1e-5.
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  return BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+def _linear(in_features: int, out_features: int, rngs: nnx.Rngs, dtype: jax.typing.DTypeLike):
+  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _logits(head: nnx.Linear, features: jax.Array) -> jax.Array:
+  """The classifier's float32 logits (the loss and softmax are float32 whatever the dtype)."""
+  return head(features).astype(jnp.float32)
 
 
 class BasicBlock(nnx.Module):
@@ -73,17 +108,18 @@ class BasicBlock(nnx.Module):
     shortcut: str,
     *,
     rngs: nnx.Rngs,
+    dtype: jax.typing.DTypeLike = jnp.float32,
   ):
-    self.conv1 = _conv(in_features, out_features, 3, stride, rngs)
+    self.conv1 = _conv(in_features, out_features, 3, stride, rngs, dtype=dtype)
     self.bn1 = _batch_norm(out_features, rngs)
-    self.conv2 = _conv(out_features, out_features, 3, 1, rngs)
+    self.conv2 = _conv(out_features, out_features, 3, 1, rngs, dtype=dtype)
     self.bn2 = _batch_norm(out_features, rngs)
     self.stride = stride
     self.extra_channels = out_features - in_features
     self.needs_shortcut = stride != 1 or in_features != out_features
     self.shortcut_kind = shortcut
     if self.needs_shortcut and shortcut == "projection":
-      self.shortcut_conv = _conv(in_features, out_features, 1, stride, rngs)
+      self.shortcut_conv = _conv(in_features, out_features, 1, stride, rngs, dtype=dtype)
       self.shortcut_bn = _batch_norm(out_features, rngs)
 
   def _shortcut(self, x: jax.Array) -> jax.Array:
@@ -111,6 +147,7 @@ class ResNet(nnx.Module):
     shortcut: ``"projection"`` (1x1 conv + BN) or ``"pad"`` (He et al.'s option A).
     num_classes: outputs of the classifier.
     rngs: random streams for initialization.
+    dtype: the compute dtype (activations, convolution and linear operands).
   """
 
   def __init__(
@@ -122,24 +159,26 @@ class ResNet(nnx.Module):
     *,
     num_classes: int = NUM_CLASSES,
     rngs: nnx.Rngs,
+    dtype: jax.typing.DTypeLike = jnp.float32,
   ):
-    self.stem_conv = _conv(3, stem_features, 3, 1, rngs)
+    self.stem_conv = _conv(3, stem_features, 3, 1, rngs, dtype=dtype)
     self.stem_bn = _batch_norm(stem_features, rngs)
     blocks = []
     features = stem_features
     for stage, (width, count) in enumerate(zip(stage_features, blocks_per_stage, strict=True)):
       for index in range(count):
         stride = 2 if stage > 0 and index == 0 else 1
-        blocks.append(BasicBlock(features, width, stride, shortcut, rngs=rngs))
+        blocks.append(BasicBlock(features, width, stride, shortcut, rngs=rngs, dtype=dtype))
         features = width
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(features, num_classes, rngs=rngs)
+    self.head = _linear(features, num_classes, rngs, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.stem_bn(self.stem_conv(x)))
     for block in self.blocks:
       x = block(x)
-    return self.head(jnp.mean(x, axis=(1, 2)))
+    # The average pool accumulates in float32 (the head rounds it to the compute dtype).
+    return _logits(self.head, jnp.mean(x, axis=(1, 2), dtype=jnp.float32))
 
 
 class VGG(nnx.Module):
@@ -149,6 +188,7 @@ class VGG(nnx.Module):
     config: channel counts, with ``"M"`` for a 2x2 max-pool.
     num_classes: outputs of the classifier.
     rngs: random streams for initialization.
+    dtype: the compute dtype (activations, convolution and linear operands).
   """
 
   def __init__(
@@ -157,18 +197,19 @@ class VGG(nnx.Module):
     *,
     num_classes: int = NUM_CLASSES,
     rngs: nnx.Rngs,
+    dtype: jax.typing.DTypeLike = jnp.float32,
   ):
     convs, norms = [], []
     features = 3
     for item in config:
       if item != "M":
-        convs.append(_conv(features, int(item), 3, 1, rngs, use_bias=True))
+        convs.append(_conv(features, int(item), 3, 1, rngs, use_bias=True, dtype=dtype))
         norms.append(_batch_norm(int(item), rngs))
         features = int(item)
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
     self.config = tuple(config)
-    self.head = nnx.Linear(features, num_classes, rngs=rngs)
+    self.head = _linear(features, num_classes, rngs, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     layer = 0
@@ -178,21 +219,24 @@ class VGG(nnx.Module):
       else:
         x = nnx.relu(self.norms[layer](self.convs[layer](x)))
         layer += 1
-    return self.head(x.reshape(x.shape[0], -1))
+    return _logits(self.head, x.reshape(x.shape[0], -1))
 
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def _he_resnet(depth: int, width: float, *, rngs: nnx.Rngs) -> ResNet:
+def _he_resnet(
+  depth: int, width: float, *, rngs: nnx.Rngs, dtype: jax.typing.DTypeLike = jnp.float32
+) -> ResNet:
   """He et al.'s CIFAR ResNet of depth 6n+2 with widths (16, 32, 64) x ``width``."""
   blocks, remainder = divmod(depth - 2, 6)
   if remainder or blocks < 1:
     raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...), got {depth}")
   widths = [max(1, round(16 * width * 2**stage)) for stage in range(3)]
-  return ResNet(widths[0], widths, [blocks] * 3, "pad", rngs=rngs)
+  return ResNet(widths[0], widths, [blocks] * 3, "pad", rngs=rngs, dtype=dtype)
 
 
+# Each builder is called with the keywords ``rngs`` and ``dtype`` (see :func:`create_model`).
 MODELS: dict[str, Callable[..., nnx.Module]] = {
   # The paper's models, as in the authors' reference code.
   "vgg16": functools.partial(VGG, _VGG16),
@@ -208,15 +252,19 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
-def create_model(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
+def create_model(
+  name: str, *, rngs: nnx.Rngs, dtype: jax.typing.DTypeLike = jnp.float32
+) -> nnx.Module:
   """Builds the model called ``name`` (a key of ``MODELS``).
 
   Args:
     name: the model's name, e.g. ``"resnet20"`` or ``"vgg16"``.
     rngs: random streams for the parameters' initialization.
+    dtype: the compute dtype: float32, bfloat16 or float16 (the parameters are float32).
 
   Returns:
-    The model, in training mode; it maps (batch, 32, 32, 3) float images to (batch, 10) logits.
+    The model, in training mode; it maps (batch, 32, 32, 3) float images to (batch, 10) float32
+    logits.
 
   Raises:
     ValueError: for an unknown name; the message lists the valid ones.
@@ -229,7 +277,7 @@ def create_model(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-  return MODELS[name](rngs=rngs)
+  return MODELS[name](rngs=rngs, dtype=dtype)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -85,6 +85,7 @@ class Cifar10Task(training.Task):
   ):
     self.model_name = config.model
     self.test_every = config.test_every
+    self.dtype = jnp.dtype(config.dtype)
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
     self.train_size = int(train.labels.shape[0])
@@ -108,7 +109,7 @@ class Cifar10Task(training.Task):
     return self._data
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return models.create_model(self.model_name, rngs=rngs)
+    return models.create_model(self.model_name, rngs=rngs, dtype=self.dtype)
 
   def train_batches(self, epoch: int, rng: jax.Array) -> Iterator[dict[str, jax.Array]]:
     del epoch  # the rng already depends on it

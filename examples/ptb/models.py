@@ -31,6 +31,11 @@ with the input projection of a whole window done as one matrix product before th
 Dropout is applied only when the model is called with a random key (training); its masks are
 derived from that key, so a step is a pure function of the parameters, the batch and the key.
 
+Mixed precision: with ``dtype`` bfloat16 or float16, the three matrix products (the input
+projection, ``h_{t-1} W_hh`` and the softmax layer) take their operands rounded to ``dtype`` and
+return ``dtype``, widened to float32 at once; the parameters, embeddings, gates, the cell state, the
+carried ``(h, c)`` and the logits are float32. In float32 it is the plain float32 model.
+
 References:
   Zaremba, Sutskever, Vinyals, *Recurrent Neural Network Regularization*, arXiv:1409.2329, 2014.
   Merity, Keskar, Socher, *Regularizing and Optimizing LSTM Language Models*, ICLR 2018.
@@ -152,6 +157,18 @@ def _symmetric_uniform(scale: float) -> jax.nn.initializers.Initializer:
   return init
 
 
+def _einsum(subscripts: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``jnp.einsum(subscripts, x, w)`` computed in ``dtype``, returned in float32.
+
+  In float32 it is the plain product. In bfloat16 or float16 the operands are rounded to ``dtype``
+  and so is the result before it is widened (XLA:CPU runs no bfloat16 product with a float32
+  result inside a loop; accelerators accumulate in float32 either way).
+  """
+  if dtype == jnp.float32:
+    return jnp.einsum(subscripts, x, w)
+  return jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype)).astype(jnp.float32)
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None, *, locked: bool) -> jax.Array:
   """Inverted dropout of a (batch, time, features) array; ``locked`` shares the mask over time."""
   if key is None or rate == 0.0:
@@ -162,12 +179,24 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None, *, locked: bool) 
 
 
 class LSTMLayer(nnx.Module):
-  """One LSTM layer over a (batch, time, features) window, carrying ``(h, c)``."""
+  """One LSTM layer over a (batch, time, features) window, carrying ``(h, c)`` (float32).
 
-  def __init__(self, in_features: int, hidden: int, init_scale: float | None, *, rngs: nnx.Rngs):
+  ``dtype`` is the dtype of the operands of its matrix products (see the module's docstring).
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden: int,
+    init_scale: float | None,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+  ):
     scale = 1.0 / math.sqrt(hidden) if init_scale is None else init_scale
     init = _symmetric_uniform(scale)
     self.hidden = hidden
+    self.dtype = jnp.dtype(dtype)
     self.w_ih = nnx.Param(init(rngs.params(), (in_features, 4 * hidden)))
     self.w_hh = nnx.Param(init(rngs.params(), (hidden, 4 * hidden)))
     # PyTorch's LSTM has two bias vectors (b_ih + b_hh); one suffices: their sum is what acts.
@@ -186,11 +215,12 @@ class LSTMLayer(nnx.Module):
       # DropConnect: one mask on the recurrent matrix for the whole window (AWD-LSTM).
       keep = jax.random.bernoulli(key, 1.0 - weight_dropout, w_hh.shape)
       w_hh = w_hh * keep.astype(w_hh.dtype) / (1.0 - weight_dropout)
-    projected = jnp.einsum("btf,fg->tbg", x, self.w_ih[...]) + self.bias[None, None, :]
+    projected = _einsum("btf,fg->tbg", x, self.w_ih[...], self.dtype) + self.bias[None, None, :]
+    w_hh = w_hh.astype(self.dtype)
 
     def step(state, xw):
       h, c = state
-      gates = xw + h @ w_hh
+      gates = xw + _einsum("bh,hg->bg", h, w_hh, self.dtype)
       i, f, g, o = jnp.split(gates, 4, axis=-1)
       c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
       h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -201,18 +231,29 @@ class LSTMLayer(nnx.Module):
 
 
 class LSTMLanguageModel(nnx.Module):
-  """Embedding, stacked LSTM layers and a softmax over the vocabulary."""
+  """Embedding, stacked LSTM layers and a softmax over the vocabulary.
 
-  def __init__(self, spec: ModelSpec, vocab_size: int, *, rngs: nnx.Rngs):
+  ``dtype`` is the dtype of the operands of the matrix products (see the module's docstring).
+  """
+
+  def __init__(
+    self,
+    spec: ModelSpec,
+    vocab_size: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+  ):
     self.spec = spec
     self.vocab_size = vocab_size
+    self.dtype = jnp.dtype(dtype)
     self.embedding = nnx.Param(
       _symmetric_uniform(spec.embed_init)(rngs.params(), (vocab_size, spec.embed_size))
     )
     sizes = (spec.embed_size, *spec.hidden_sizes)
     self.layers = nnx.List(
       [
-        LSTMLayer(sizes[k], sizes[k + 1], spec.init_scale, rngs=rngs)
+        LSTMLayer(sizes[k], sizes[k + 1], spec.init_scale, rngs=rngs, dtype=dtype)
         for k in range(spec.num_layers)
       ]
     )
@@ -261,7 +302,7 @@ class LSTMLanguageModel(nnx.Module):
       rate = spec.dropout_output if last else spec.dropout_hidden
       x = _dropout(x, rate, keys[2] if last else keys[4 + 2 * k], locked=spec.locked_dropout)
     w = self.embedding[...].T if self.softmax_w is None else self.softmax_w[...]
-    logits = jnp.einsum("bth,hv->btv", x, w) + self.softmax_b[None, None, :]
+    logits = _einsum("bth,hv->btv", x, w, self.dtype) + self.softmax_b[None, None, :]
     return logits, tuple(new_carry)
 
 
@@ -274,7 +315,12 @@ def zero_carry(spec: ModelSpec, batch_size: int) -> Carry:
 
 
 def create_model(
-  name: str, vocab_size: int, *, rngs: nnx.Rngs, tie_weights: bool | None = None
+  name: str,
+  vocab_size: int,
+  *,
+  rngs: nnx.Rngs,
+  tie_weights: bool | None = None,
+  dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> LSTMLanguageModel:
   """Builds the language model called ``name`` (a key of ``MODELS``).
 
@@ -283,6 +329,7 @@ def create_model(
     vocab_size: number of word types (10,000 for PTB).
     rngs: random streams; ``params`` initializes the weights.
     tie_weights: override the model's tying of embedding and softmax, or None.
+    dtype: the dtype of the matrix products' operands: float32, bfloat16 or float16.
 
   Returns:
     The model; ``model(tokens, carry, rng=...)`` -> (logits, carry).
@@ -298,7 +345,8 @@ def create_model(
     >>> logits.shape, carry[1][0].shape
     ((3, 7, 50), (3, 32))
   """
-  return LSTMLanguageModel(get_spec(name, tie_weights=tie_weights), vocab_size, rngs=rngs)
+  spec = get_spec(name, tie_weights=tie_weights)
+  return LSTMLanguageModel(spec, vocab_size, rngs=rngs, dtype=dtype)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -109,6 +109,7 @@ class PtbTask(training.Task):
     self.bptt = self.spec.bptt if config.bptt is None else config.bptt
     self.clip = self.spec.clip if config.clip is None else config.clip
     self.corpus = corpus
+    self.dtype = jnp.dtype(config.dtype)
     self.vocab_size = len(corpus.vocab)
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
@@ -130,7 +131,7 @@ class PtbTask(training.Task):
     return self._data
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return models.LSTMLanguageModel(self.spec, self.vocab_size, rngs=rngs)
+    return models.LSTMLanguageModel(self.spec, self.vocab_size, rngs=rngs, dtype=self.dtype)
 
   def transform(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
     if self.clip == 0:
