@@ -54,12 +54,12 @@ def run_steps(task, config, steps):
   carry = jitted.shard(task.init_carry(config.batch_size))
   sums = jitted.zero_sums(state, carry, batch, key)
   jitted.compile(state, carry, sums, batch, key)
-  leaves = [training.host_leaves(nnx.filter_state(state, nnx.Param))]
+  leaves = [list(training.host_leaves(nnx.filter_state(state, nnx.Param)))]
   losses, previous = [], {"loss": 0.0, "count": 0.0}
   for index in range(steps):
     state, carry, sums = jitted.train(state, carry, sums, batch, key, index)
     if index == 0:
-      leaves.append(training.host_leaves(nnx.filter_state(state, nnx.Param)))
+      leaves.append(list(training.host_leaves(nnx.filter_state(state, nnx.Param))))
     totals = {k: float(sums[k]) for k in previous}
     losses.append((totals["loss"] - previous["loss"]) / (totals["count"] - previous["count"]))
     previous = totals
