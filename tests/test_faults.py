@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from test_cifar10 import synthetic_cifar
+from test_cifar10 import TinyNet, synthetic_cifar
 from test_training import ToyTask, config, without_timing
 
 from examples import cli, metrics, training
@@ -152,17 +151,6 @@ def _must_not_run(*args, **kwargs):
 
 
 # --- the command lines ---------------------------------------------------------------------------
-
-
-class TinyNet(nnx.Module):
-  """Batch statistics and a linear layer: the smallest CIFAR-10 model with the real one's state."""
-
-  def __init__(self, rngs, dtype=jnp.float32):
-    self.norm = nnx.BatchNorm(3, rngs=rngs)
-    self.out = nnx.Linear(3, 10, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(jnp.mean(self.norm(x), axis=(1, 2)))
 
 
 @pytest.fixture
