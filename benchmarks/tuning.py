@@ -291,9 +291,7 @@ def grid_table(
       )
       cell = f"{rate}: {shown}"
       cells.append(f"**{cell}**" if step == state.chosen else cell)
-    chosen = (
-      "" if state.chosen is None else _rate(state.base * protocol.tuning.factor**state.chosen)
-    )
+    chosen = "" if state.chosen is None else _rate(learning_rate(protocol, variant, state.chosen))
     lines.append(f"| {variant.label} | {', '.join(cells)} | {chosen} |")
   return lines
 

@@ -270,15 +270,7 @@ def _rising(schedule: optax.Schedule, hp: Mapping[str, Any]) -> optax.Schedule:
 
 def _padam_annealed(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformation:
   p = padam_jax.anneal_p(hp["anneal_steps"], hp["init_p"], hp["end_p"], shape="linear")
-  return padam_jax.padam(
-    lr,
-    p=p,
-    b1=hp["b1"],
-    b2=hp["b2"],
-    eps=hp["eps"],
-    weight_decay=hp["weight_decay"],
-    mu_dtype=hp["mu_dtype"],
-  )
+  return _padam(lr, {**hp, "p": p})
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
@@ -532,6 +524,7 @@ REGISTRY: dict[str, Entry] = {
       "init_lr_ratio": 0.01,
       **_ADAM,
       "weight_decay": _L2,
+      "bias_correction": True,
       "mu_dtype": None,
     },
     group="extra",
