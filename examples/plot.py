@@ -33,19 +33,32 @@ def _label(workdir: str) -> str:
     return pathlib.Path(workdir).name
 
 
+# The right panel's metric: the first of these that the runs record (validation before test).
+RIGHT_KEYS = (
+  ("val_acc", "validation error"),
+  ("test_acc", "test error"),
+  ("test_ppl", "test perplexity"),
+)
+
+
 def _curves(
   workdirs: Sequence[str],
-) -> tuple[list[float], list[list[float]], list[list[float]], str]:
-  """Epochs, train losses and test errors (or perplexities) per run, over the epochs all runs have."""
+) -> tuple[list[float], list[list[float]], list[float], list[list[float]], str]:
+  """Epochs and train losses, then the evaluated epochs and their validation or test errors (or
+  perplexities), per run, over the epochs all runs have. Epochs without an evaluation (see
+  ``--eval-every``) have no point on the right."""
   histories = [metrics.read_metrics(w) for w in workdirs]
   length = min(len(h) for h in histories)
   if length == 0:
     raise ValueError(f"no finished epoch in {', '.join(workdirs)}")
   epochs = [r["epoch"] for r in histories[0][:length]]
-  image = "test_acc" in histories[0][0]
   train = [[r["train_loss"] for r in h[:length]] for h in histories]
-  test = [[1.0 - r["test_acc"] if image else r["test_ppl"] for r in h[:length]] for h in histories]
-  return epochs, train, test, "test error" if image else "test perplexity"
+  recorded = set().union(*(r.keys() for r in histories[0][:length]))
+  key, name = next((k, n) for k, n in RIGHT_KEYS if k in recorded)
+  evaluated = [r["epoch"] for r in histories[0][:length] if key in r]
+  error = key.endswith("_acc")
+  test = [[1.0 - r[key] if error else r[key] for r in h[:length] if key in r] for h in histories]
+  return epochs, train, evaluated, test, name
 
 
 def plot(
@@ -84,17 +97,18 @@ def plot(
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   right_key = None
   for group, label in zip(groups, labels, strict=True):
-    epochs, train, test, right_key = _curves([str(w) for w in group])
-    for axis, values in ((left, np.asarray(train)), (right, np.asarray(test))):
+    epochs, train, evaluated, test, right_key = _curves([str(w) for w in group])
+    panels = ((left, epochs, np.asarray(train)), (right, evaluated, np.asarray(test)))
+    for axis, xs, values in panels:
       (line,) = axis.plot(
-        epochs,
+        xs,
         values.mean(axis=0),
-        marker="." if len(epochs) <= 60 else None,
+        marker="." if len(xs) <= 60 else None,
         label=label if len(group) == 1 else f"{label} (mean of {len(group)})",
       )
       if len(group) > 1:
         axis.fill_between(
-          epochs,
+          xs,
           values.min(axis=0),
           values.max(axis=0),
           color=line.get_color(),

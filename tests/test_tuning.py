@@ -210,3 +210,23 @@ def test_validation_split_and_evaluation_and_checkpoint_intervals(tmp_path, monk
   assert len(metrics.read_metrics(tmp_path / "cut")) == 4
   for a, b in zip(whole, resumed, strict=True):
     assert a["train_loss"] == b["train_loss"] and a.get("test_acc") == b.get("test_acc")
+
+
+def test_the_figure_draws_validation_error_on_the_evaluated_epochs_only(tmp_path):
+  from examples import plot
+
+  folders = []
+  for seed in (0, 1):
+    workdir = tmp_path / f"run{seed}"
+    workdir.mkdir()
+    records = [{"epoch": e, "train_loss": 1.0 / e} for e in range(1, 5)]
+    for r in records[1::2]:  # evaluated every 2 epochs
+      r.update(val_acc=0.5 + 0.1 * seed, val_loss=1.0)
+    metrics.write_metrics(workdir, records)
+    folders.append(str(workdir))
+  epochs, train, evaluated, error, name = plot._curves(folders)
+  assert train[1] == [1.0, 0.5, 1.0 / 3, 0.25]
+  assert epochs == [1, 2, 3, 4] and evaluated == [2, 4] and name == "validation error"
+  assert error == [[0.5, 0.5], [pytest.approx(0.4), pytest.approx(0.4)]]
+  plot.plot([folders], str(tmp_path / "figure.png"), ["sgdm"])
+  assert (tmp_path / "figure.png").stat().st_size > 0
