@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import pathlib
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -542,20 +540,6 @@ def _metric(protocol: Protocol) -> tuple[str, str, bool, float]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stat:
-  """A mean over seeds and their standard deviation (None for one seed)."""
-
-  mean: float
-  spread: float | None = None
-
-  @classmethod
-  def of(cls, values: Sequence[float]) -> Stat:
-    if len(values) == 1:
-      return cls(values[0])
-    return cls(statistics.fmean(values), statistics.stdev(values))
-
-
-@dataclasses.dataclass(frozen=True)
 class Row:
   """One line of a results table, as numbers.
 
@@ -571,10 +555,10 @@ class Row:
   variant: Variant
   seeds: int
   status: str = ""
-  final: Stat | None = None
-  early: Stat | None = None
-  final_loss: Stat | None = None
-  early_loss: Stat | None = None
+  final: tuning_.Stat | None = None
+  early: tuning_.Stat | None = None
+  final_loss: tuning_.Stat | None = None
+  early_loss: tuning_.Stat | None = None
   paper: float | None = None
 
 
@@ -612,10 +596,10 @@ def _row(variant: Variant, runs: Sequence[list[dict[str, Any]]], protocol: Proto
   return Row(
     variant,
     len(histories),
-    final=Stat.of([scale * h[epochs - 1][key] for h in histories]),
-    early=Stat.of([scale * h[early - 1][key] for h in histories]),
-    final_loss=Stat.of([h[epochs - 1]["train_loss"] for h in histories]),
-    early_loss=Stat.of([h[early - 1]["train_loss"] for h in histories]),
+    final=tuning_.Stat.of([scale * h[epochs - 1][key] for h in histories]),
+    early=tuning_.Stat.of([scale * h[early - 1][key] for h in histories]),
+    final_loss=tuning_.Stat.of([h[epochs - 1]["train_loss"] for h in histories]),
+    early_loss=tuning_.Stat.of([h[early - 1]["train_loss"] for h in histories]),
     paper=paper,
   )
 
@@ -639,23 +623,16 @@ def results_table(protocol: Protocol, seeds: int, root: pathlib.Path = RESULTS) 
   )
 
 
-def _fmt(stat: Stat, digits: int = 2) -> str:
-  if not math.isfinite(stat.mean):
-    return str(stat.mean)
-  spread = "" if stat.spread is None else f" ± {stat.spread:.{digits}f}"
-  return f"{stat.mean:.{digits}f}{spread}"
-
-
 def _cells(row: Row, best: str | None) -> list[str]:
   if row.final is None:
     return [row.variant.label, row.status, "", "", "", "0"]
-  final = _fmt(row.final)
+  final = row.final.format()
   return [
     row.variant.label,
     f"**{final}**" if row.variant.label == best else final,
-    _fmt(row.early),
-    _fmt(row.final_loss, 3),
-    _fmt(row.early_loss, 3),
+    row.early.format(),
+    row.final_loss.format(3),
+    row.early_loss.format(3),
     str(row.seeds),
   ]
 

@@ -240,12 +240,29 @@ def result(
   return Result(variant.label, rate, test, val, loss, stopped)
 
 
-def mean_sd(values: Sequence[float]) -> str:
-  if not values:
-    return ""
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """A mean over seeds and their standard deviation (None for one seed)."""
+
+  mean: float
+  spread: float | None = None
+
+  @classmethod
+  def of(cls, values: Sequence[float]) -> Stat:
+    if len(values) == 1:
+      return cls(values[0])
+    return cls(statistics.fmean(values), statistics.stdev(values))
+
+  def format(self, digits: int = 2) -> str:
+    """``mean ± sd`` with ``digits`` decimals (the mean alone for one seed)."""
+    if not math.isfinite(self.mean):
+      return str(self.mean)
+    spread = "" if self.spread is None else f" ± {self.spread:.{digits}f}"
+    return f"{self.mean:.{digits}f}{spread}"
+
+
+def _mean_sd(values: Mapping[int, float], digits: int = 2) -> str:
+  return Stat.of(list(values.values())).format(digits) if values else ""
 
 
 def paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[float, float, int] | None:
@@ -316,8 +333,8 @@ def results_lines(
       f" (seed {s} stopped non-finite after epoch {e})" for s, e in sorted(r.stopped.items())
     )
     lines.append(
-      f"| {r.label} | {rate} | {len(r.test)}{stopped} | {mean_sd(list(r.test.values()))} | "
-      f"{mean_sd(list(r.val.values()))} | {mean_sd(list(r.train_loss.values()))} |"
+      f"| {r.label} | {rate} | {len(r.test)}{stopped} | {_mean_sd(r.test)} | "
+      f"{_mean_sd(r.val)} | {_mean_sd(r.train_loss, 3)} |"
     )
   if compare:
     lines += [
