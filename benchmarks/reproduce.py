@@ -360,6 +360,14 @@ def _finished_epochs(workdir: pathlib.Path) -> int:
     return 0
 
 
+def _ended(workdir: pathlib.Path, epochs: int) -> str | None:
+  """How the run in ``workdir`` ended ("finished", "stopped on a non-finite value"), or None when
+  it has not (not started, or interrupted: it can resume)."""
+  if metrics.read_stopped(workdir) is not None:
+    return "stopped on a non-finite value"
+  return "finished" if _finished_epochs(workdir) >= epochs else None
+
+
 def select_variants(protocol: Protocol, only: Sequence[str] = ()) -> list[Variant]:
   """The variants to run (those named by label or optimizer in ``only``, else all), in run order.
 
@@ -412,13 +420,12 @@ def train_run(
   trainer = _trainer(protocol.task)
   config_fields = {**protocol.config, **(overrides or {})}
   workdir = run_dir(protocol, variant, seed, root) if workdir is None else workdir
-  done = _finished_epochs(workdir)
   rate = "" if learning_rate is None else f" lr {learning_rate:.3g}"
   name = f"[{protocol.name}] {variant.label}{rate} seed {seed}"
-  if done >= config_fields["epochs"] or metrics.read_stopped(workdir) is not None:
-    how = "finished" if done >= config_fields["epochs"] else "stopped on a non-finite value"
+  if (how := _ended(workdir, config_fields["epochs"])) is not None:
     print(f"{name}: {how}, skipped", flush=True)
     return False
+  done = _finished_epochs(workdir)
   print(f"{name}: {'resuming' if done else 'starting'} in {_shown(workdir)}", flush=True)
   start = time.perf_counter()
   config = trainer.Config(
@@ -757,8 +764,7 @@ def commands(
       (v, seed, run_dir(protocol, v, seed, root), None)
       for seed in range(seeds)
       for v in select_variants(protocol, only)
-      if _finished_epochs(run_dir(protocol, v, seed, root)) < protocol.config["epochs"]
-      and metrics.read_stopped(run_dir(protocol, v, seed, root)) is None
+      if _ended(run_dir(protocol, v, seed, root), protocol.config["epochs"]) is None
     ]
   for variant in protocol.variants if protocol.tuning is not None else ():
     if waiting := tuning_.grid(protocol, variant, PROTOCOLS, root).waiting:
