@@ -151,7 +151,7 @@ _CIFAR10_TUNED_ABOUT = (
   "rate is tuned: a class-balanced validation split of 1,000 further training images (disjoint "
   "from the 1,000) is evaluated every 4 epochs and after the last, and each optimizer's rate is "
   "chosen among x1/3, x1 and x3 of its base rate by the final validation accuracy of seed 0 (the "
-  "grid grows by x3 past an edge that holds the best, up to x1/9 or x9); seeds 1 and 2 then run "
+  "grid grows by x3 past an edge that holds the best, up to x1/27 or x27); seeds 1 and 2 then run "
   "at the chosen rate. The full 10,000-image test set is evaluated once, after the last epoch, "
   "and nothing is chosen by it. A seed draws the initialization, augmentation, batch order, and "
   "the training and validation subsets. Evaluating and checkpointing every 4 epochs instead of "
@@ -160,7 +160,7 @@ _CIFAR10_TUNED_ABOUT = (
 # Padam's x1 rate per p: log-linear in p between the paper's two anchors, Padam's 0.1 at p = 1/8
 # and AMSGrad's 1e-3 at p = 1/2 (the step lr / vhat^p scales like vhat^-p).
 _P_RATES = {0.5: 1e-3, 0.25: 0.1 * 0.01 ** (1 / 3), 0.0625: 0.1 * 0.01 ** (-1 / 6)}
-_TUNED_GRID = tuning_.Tuning()
+_TUNED_GRID = tuning_.Tuning(reach=3)
 
 
 def _tuned_four() -> tuple[Variant, ...]:

@@ -309,6 +309,8 @@ def grid_table(
       cell = f"{rate}: {shown}"
       cells.append(f"**{cell}**" if step == state.chosen else cell)
     chosen = "" if state.chosen is None else _rate(learning_rate(protocol, variant, state.chosen))
+    if state.chosen is not None and abs(state.chosen) == protocol.tuning.reach:
+      chosen += " (the grid's limit: a rate past it was not tried)"
     lines.append(f"| {variant.label} | {', '.join(cells)} | {chosen} |")
   return lines
 

@@ -89,6 +89,12 @@ def test_the_grid_stops_at_its_reach_and_a_tie_takes_the_smaller_rate(tmp_path):
   for step, acc in ((-1, 0.2), (0, 0.6), (1, 0.6)):
     finish(tmp_path, TUNED, "sgdm", step, 0, acc)
   assert tuning.grid(TUNED, TUNED.variants[0], PROTOCOLS, tmp_path).chosen == 0
+  # The table marks a choice at the limit, and only that one.
+  table = dict(
+    (line.split(" | ")[0], line) for line in tuning.grid_table(TUNED, PROTOCOLS, tmp_path)[2:]
+  )
+  assert table["| padam"].endswith("0.0111 (the grid's limit: a rate past it was not tried) |")
+  assert table["| sgdm"].endswith("| 0.1 |")
 
 
 def test_a_non_finite_run_scores_lowest_and_the_variant_waits_for_its_source(tmp_path):
