@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks import stats
 from benchmarks import tuning as tuning_
 from examples import metrics
 from examples.optimizers import PAPER_OPTIMIZERS
@@ -562,10 +563,10 @@ class Row:
   variant: Variant
   seeds: int
   status: str = ""
-  final: tuning_.Stat | None = None
-  early: tuning_.Stat | None = None
-  final_loss: tuning_.Stat | None = None
-  early_loss: tuning_.Stat | None = None
+  final: stats.Stat | None = None
+  early: stats.Stat | None = None
+  final_loss: stats.Stat | None = None
+  early_loss: stats.Stat | None = None
   paper: float | None = None
 
 
@@ -603,10 +604,10 @@ def _row(variant: Variant, runs: Sequence[list[dict[str, Any]]], protocol: Proto
   return Row(
     variant,
     len(histories),
-    final=tuning_.Stat.of([scale * h[epochs - 1][key] for h in histories]),
-    early=tuning_.Stat.of([scale * h[early - 1][key] for h in histories]),
-    final_loss=tuning_.Stat.of([h[epochs - 1]["train_loss"] for h in histories]),
-    early_loss=tuning_.Stat.of([h[early - 1]["train_loss"] for h in histories]),
+    final=stats.Stat.of([scale * h[epochs - 1][key] for h in histories]),
+    early=stats.Stat.of([scale * h[early - 1][key] for h in histories]),
+    final_loss=stats.Stat.of([h[epochs - 1]["train_loss"] for h in histories]),
+    early_loss=stats.Stat.of([h[early - 1]["train_loss"] for h in histories]),
     paper=paper,
   )
 

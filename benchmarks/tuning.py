@@ -16,17 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from benchmarks import stats
 from examples import metrics
 
 if TYPE_CHECKING:
   from benchmarks.reproduce import Protocol, Variant
-
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,42 +237,8 @@ def result(
   return Result(variant.label, rate, test, val, loss, stopped)
 
 
-@dataclasses.dataclass(frozen=True)
-class Stat:
-  """A mean over seeds and their standard deviation (None for one seed)."""
-
-  mean: float
-  spread: float | None = None
-
-  @classmethod
-  def of(cls, values: Sequence[float]) -> Stat:
-    if len(values) == 1:
-      return cls(values[0])
-    return cls(statistics.fmean(values), statistics.stdev(values))
-
-  def format(self, digits: int = 2) -> str:
-    """``mean ± sd`` with ``digits`` decimals (the mean alone for one seed)."""
-    if not math.isfinite(self.mean):
-      return str(self.mean)
-    spread = "" if self.spread is None else f" ± {self.spread:.{digits}f}"
-    return f"{self.mean:.{digits}f}{spread}"
-
-
 def _mean_sd(values: Mapping[int, float], digits: int = 2) -> str:
-  return Stat.of(list(values.values())).format(digits) if values else ""
-
-
-def paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[float, float, int] | None:
-  """Mean of ``a - b`` over the seeds both have and its 95% t-interval half-width (None for one
-  seed); None when they share no seed."""
-  common = sorted(set(a) & set(b))
-  if not common:
-    return None
-  diffs = [a[s] - b[s] for s in common]
-  if len(diffs) == 1:
-    return diffs[0], math.nan, 1
-  half = T_975[min(len(diffs), len(T_975) + 1) - 2] * statistics.stdev(diffs) / len(diffs) ** 0.5
-  return statistics.fmean(diffs), half, len(diffs)
+  return stats.Stat.of(list(values.values())).format(digits) if values else ""
 
 
 def _rate(value: float) -> str:
@@ -345,7 +308,7 @@ def results_lines(
       "|---|---|---|---|",
     ]
     for a, b in compare:
-      diff = paired(results[a].test, results[b].test)
+      diff = stats.paired(results[a].test, results[b].test)
       if diff is None:
         lines.append(f"| {a} - {b} | 0 | | |")
         continue

@@ -6,9 +6,10 @@ import math
 import shlex
 import shutil
 
+import numpy as np
 import pytest
 
-from benchmarks import reproduce, tuning
+from benchmarks import reproduce, stats, tuning
 from examples import cli, metrics
 from examples.cifar10 import train as cifar10_train
 
@@ -115,11 +116,20 @@ def test_a_non_finite_run_scores_lowest_and_the_variant_waits_for_its_source(tmp
 
 
 def test_paired_difference_and_its_interval():
-  mean, half, n = tuning.paired({0: 60.0, 1: 62.0, 2: 61.0, 3: 1.0}, {0: 59.0, 1: 60.0, 2: 58.0})
+  mean, half, n = stats.paired({0: 60.0, 1: 62.0, 2: 61.0, 3: 1.0}, {0: 59.0, 1: 60.0, 2: 58.0})
   # Differences 1, 2, 3 over the 3 common seeds: mean 2, sd 1, t(0.975, 2 df) = 4.303.
   assert (mean, n) == (2.0, 3)
   assert half == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
-  assert tuning.paired({0: 1.0}, {1: 2.0}) is None
+  assert stats.paired({0: 1.0}, {1: 2.0}) is None
+
+
+def test_the_t_quantiles_are_students():
+  # Student's t density integrated numerically from 0 to each tabulated quantile: 0.475.
+  for df, q in enumerate(stats.T_975, start=1):
+    x = np.linspace(0.0, q, 200_001)
+    density = (1 + x**2 / df) ** (-(df + 1) / 2)
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    assert norm * np.trapezoid(density, x) == pytest.approx(0.475, abs=2e-5), df
 
 
 def test_the_report_shows_the_grid_the_choice_and_the_paired_difference(tmp_path):
