@@ -735,8 +735,8 @@ def _write_tuned_report(
     plot.plot(
       [folders for _, folders in groups],
       str(out / name),
-      [f"{label} (chosen rate)" for label, _ in groups],
-      title=f"{protocol.name}: {protocol.config.get('model')}",
+      [label for label, _ in groups],
+      title=f"{protocol.name}: {protocol.config.get('model')}, each at its chosen learning rate",
     )
   return out
 

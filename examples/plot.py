@@ -94,7 +94,9 @@ def plot(
   labels = list(labels) if labels else [_label(str(group[0])) for group in groups]
   if len(labels) != len(groups):
     raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  # One legend for both panels, below them, so that no entry hides a curve.
+  rows = -(-len(groups) // 3)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4 + 0.3 * rows), layout="constrained")
   right_key = None
   for group, label in zip(groups, labels, strict=True):
     epochs, train, evaluated, test, right_key = _curves([str(w) for w in group])
@@ -124,10 +126,11 @@ def plot(
   right.set(xlabel="epoch", ylabel=right_key)
   for axis in (left, right):
     axis.grid(alpha=0.3)
-    axis.legend()
+  fig.legend(
+    *left.get_legend_handles_labels(), loc="outside lower center", ncol=min(3, len(groups))
+  )
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
   pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=120)
   plt.close(fig)
