@@ -9,9 +9,8 @@ metrics must equal those of one process of 8 devices. That process also runs CIF
 ``--mesh data=2,fsdp=4`` against one device (FSDP on its own), and its run.json shows the
 optimizer state split four ways.
 
-Every run is a subprocess with its own device count; XLA:CPU's backend optimizations are off in
-all of them alike (:data:`FAST_COMPILE`), as compiling is what these tiny runs would spend their
-time on.
+Every run is a subprocess with its own device count and the test session's other XLA flags
+(backend optimizations off, as compiling is what these tiny runs would spend their time on).
 
 This file is also the worker the tests start: ``python tests/test_multiprocess.py TASK ARGS...``
 runs ``python -m examples.TASK ARGS...`` with the tests' small models registered (``--then ARGS``
@@ -119,9 +118,6 @@ def worker(argv: list[str]) -> int:
 pytestmark = pytest.mark.standard_promotion
 
 DEVICES = 8
-# XLA:CPU's backend optimizations off: the programs compile several times faster (they are tiny;
-# compiling is what these tests would spend their time on). Every run of these tests has it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def free_port() -> int:
@@ -134,7 +130,7 @@ def worker_env(devices: int, hold: int | None) -> dict[str, str]:
   """This process's environment (its compilation cache included) for a worker of ``devices``."""
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   env.pop(HOLD, None)
