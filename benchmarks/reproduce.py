@@ -738,6 +738,17 @@ def _write_tuned_report(
       [label for label, _ in groups],
       title=f"{protocol.name}: {protocol.config.get('model')}, each at its chosen learning rate",
     )
+  if series := tuning_.grid_points(protocol, PROTOCOLS, root):
+    select = protocol.tuning.select
+    plot.plot_rates(
+      [
+        (label, [(rate, 100 * score) for rate, score in points], chosen)
+        for label, points, chosen in series
+      ],
+      str(out / "learning_rate_grid.png"),
+      f"final {select} % (seed 0)",
+      title=f"{protocol.name}: {protocol.config.get('model')}, the learning-rate grid (chosen ringed)",
+    )
   return out
 
 

@@ -278,6 +278,25 @@ def grid_table(
   return lines
 
 
+def grid_points(
+  protocol: Protocol, protocols: Mapping[str, Protocol], root: pathlib.Path
+) -> list[tuple[str, list[tuple[float, float]], float | None]]:
+  """``(label, [(rate, final select score)], chosen rate or None)`` for each variant with a grid
+  that has a finished finite run (seed 0); a run stopped on a non-finite value has no point."""
+  series = []
+  for variant in protocol.variants:
+    state = grid(protocol, variant, protocols, root)
+    points = [
+      (learning_rate(protocol, variant, step), score)
+      for step, score in sorted(state.scores.items())
+      if score != -math.inf
+    ]
+    if points:
+      chosen = None if state.chosen is None else learning_rate(protocol, variant, state.chosen)
+      series.append((variant.label, points, chosen))
+  return series
+
+
 def results_lines(
   protocol: Protocol,
   protocols: Mapping[str, Protocol],

@@ -61,6 +61,19 @@ def _curves(
   return epochs, train, evaluated, test, name
 
 
+def _pyplot():
+  """``matplotlib.pyplot`` on the file-only Agg backend; an ImportError that says what to install."""
+  try:
+    import matplotlib
+  except ImportError as error:
+    raise ImportError(MISSING_MATPLOTLIB) from error
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
 def plot(
   workdirs: Sequence[str | Sequence[str]],
   out: str,
@@ -78,13 +91,7 @@ def plot(
       from the first run's ``run.json``.
     title: an optional figure title.
   """
-  try:
-    import matplotlib
-  except ImportError as error:
-    raise ImportError(MISSING_MATPLOTLIB) from error
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   import numpy as np
   from matplotlib import ticker
 
@@ -129,6 +136,41 @@ def plot(
   fig.legend(
     *left.get_legend_handles_labels(), loc="outside lower center", ncol=min(3, len(groups))
   )
+  if title:
+    fig.suptitle(title)
+  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def plot_rates(
+  series: Sequence[tuple[str, Sequence[tuple[float, float]], float | None]],
+  out: str,
+  ylabel: str,
+  title: str | None = None,
+) -> None:
+  """Draws a final score against the learning rate (log scale), one line per label, and saves the
+  figure to ``out``: how each optimizer's result depends on its rate, and where its optimum is.
+
+  Args:
+    series: ``(label, [(learning rate, score), ...], chosen rate or None)`` per line; the chosen
+      rate's point is ringed.
+    out: the PNG to write.
+    ylabel: what the score is.
+    title: an optional figure title.
+  """
+  plt = _pyplot()
+  rows = -(-len(series) // 3)
+  fig, axis = plt.subplots(figsize=(7, 4.2 + 0.3 * rows), layout="constrained")
+  for label, points, chosen in series:
+    rates, scores = zip(*sorted(points), strict=True) if points else ((), ())
+    (line,) = axis.plot(rates, scores, marker="o", label=label)
+    for rate, score in points:
+      if rate == chosen:
+        axis.plot(rate, score, marker="o", markersize=14, fillstyle="none", color=line.get_color())
+  axis.set(xlabel="learning rate", ylabel=ylabel, xscale="log")
+  axis.grid(alpha=0.3, which="both")
+  fig.legend(loc="outside lower center", ncol=min(3, len(series)))
   if title:
     fig.suptitle(title)
   pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,24 @@ def test_the_report_shows_the_grid_the_choice_and_the_paired_difference(tmp_path
   assert "| padam - sgdm | 3 | +0.67 |" in text
 
 
+def test_the_grid_figure_has_each_finite_run_of_the_grid_and_the_choice(tmp_path):
+  from examples import plot
+
+  for step, acc in ((-1, 0.4), (0, 0.6), (1, 0.5)):
+    finish(tmp_path, TUNED, "sgdm", step, 0, acc)
+  finish(tmp_path, TUNED, "padam", 0, 0, 0.3)
+  stopped = tuning.run_dir(TUNED, TUNED.variants[1], 1, 0, tmp_path)
+  stopped.mkdir(parents=True)
+  (stopped / metrics.STOPPED_FILE).write_text(json.dumps({"after_epoch": 1, "reason": "nan"}))
+  series = tuning.grid_points(TUNED, PROTOCOLS, tmp_path)
+  assert series == [
+    ("sgdm", [(0.0333333, 0.4), (0.1, 0.6), (0.3, 0.5)], 0.1),
+    ("padam", [(0.1, 0.3)], None),  # the non-finite x3 has no point; x1/3 has not run
+  ]
+  plot.plot_rates(series, str(tmp_path / "grid.png"), "final val_acc")
+  assert (tmp_path / "grid.png").stat().st_size > 0
+
+
 def test_commands_rebuild_each_config(tmp_path, monkeypatch):
   monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
   lines = reproduce.commands(TUNED, seeds=3, data_dir="DIR")
