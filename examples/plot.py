@@ -74,6 +74,23 @@ def _pyplot():
   return plt
 
 
+def _legend_rows(entries: int) -> int:
+  """How many rows the figure legend (three entries a row) takes, to size the figure for it."""
+  return -(-entries // 3)
+
+
+def _finish(plt, fig, out: str, title: str | None, legend) -> None:
+  """Puts one legend below the panels (so that no entry hides a curve), the title, and saves
+  ``fig`` to ``out`` (creating its folder)."""
+  handles, labels = legend
+  fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+  if title:
+    fig.suptitle(title)
+  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
 def plot(
   workdirs: Sequence[str | Sequence[str]],
   out: str,
@@ -101,8 +118,7 @@ def plot(
   labels = list(labels) if labels else [_label(str(group[0])) for group in groups]
   if len(labels) != len(groups):
     raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
-  # One legend for both panels, below them, so that no entry hides a curve.
-  rows = -(-len(groups) // 3)
+  rows = _legend_rows(len(groups))
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4 + 0.3 * rows), layout="constrained")
   right_key = None
   for group, label in zip(groups, labels, strict=True):
@@ -133,14 +149,7 @@ def plot(
   right.set(xlabel="epoch", ylabel=right_key)
   for axis in (left, right):
     axis.grid(alpha=0.3)
-  fig.legend(
-    *left.get_legend_handles_labels(), loc="outside lower center", ncol=min(3, len(groups))
-  )
-  if title:
-    fig.suptitle(title)
-  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  _finish(plt, fig, out, title, left.get_legend_handles_labels())
 
 
 def plot_rates(
@@ -160,7 +169,7 @@ def plot_rates(
     title: an optional figure title.
   """
   plt = _pyplot()
-  rows = -(-len(series) // 3)
+  rows = _legend_rows(len(series))
   fig, axis = plt.subplots(figsize=(7, 4.2 + 0.3 * rows), layout="constrained")
   for label, points, chosen in series:
     rates, scores = zip(*sorted(points), strict=True) if points else ((), ())
@@ -170,12 +179,7 @@ def plot_rates(
         axis.plot(rate, score, marker="o", markersize=14, fillstyle="none", color=line.get_color())
   axis.set(xlabel="learning rate", ylabel=ylabel, xscale="log")
   axis.grid(alpha=0.3, which="both")
-  fig.legend(loc="outside lower center", ncol=min(3, len(series)))
-  if title:
-    fig.suptitle(title)
-  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  _finish(plt, fig, out, title, axis.get_legend_handles_labels())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
