@@ -3,7 +3,7 @@
 Eight host CPU devices let the sharding tests build a real multi-device mesh on
 any machine; the flag must be set before JAX initialises its backends. XLA:CPU's
 backend (LLVM) optimizations are off: the tests' programs are tiny, compiling is
-what they would spend their time on, and it is several times faster without them.
+much of what they spend their time on, and it is shorter without them.
 The flags reach the trainer subprocesses the tests start.
 Strict dtype promotion and rank promotion errors make an optimizer that leaks
 float64 or broadcasts by accident fail loudly. Tests of third-party model code
