@@ -210,7 +210,13 @@ PROTOCOLS: dict[str, Protocol] = {
       config=_CIFAR10_TUNED,
       variants=_tuned_four(),
       tuning=_TUNED_GRID,
-      compare=(("padam", "sgdm"), ("adam", "sgdm"), ("amsgrad", "sgdm"), ("padam", "adam")),
+      compare=(
+        ("padam", "sgdm"),
+        ("adam", "sgdm"),
+        ("amsgrad", "sgdm"),
+        ("padam", "adam"),
+        ("padam", "amsgrad"),
+      ),
       about=_CIFAR10_TUNED_ABOUT,
     ),
     Protocol(
