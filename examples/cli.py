@@ -132,11 +132,22 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1  # an uncaught exception: Python prints its traceback and exits with 1
 EXIT_USAGE = 2  # bad usage, settings or data; one line (argparse's usage errors are 2 as well)
 EXIT_NON_FINITE = 3  # stopped on a non-finite loss or state; one line naming the last checkpoint
+EXIT_PREEMPTED = 4  # stopped by SIGTERM or SIGINT after saving a checkpoint; resumable
+EXIT_INTERRUPTED = 130  # Ctrl-C before training started (nothing to save); the shell's 128 + 2
 EXIT_STATUS_HELP = (
   "Exit status: 0 finished; 1 internal error (a traceback); 2 bad usage, settings or data (one "
   "line naming the option, the value and what is valid); 3 stopped on a non-finite loss or state "
-  "(one line naming the last finite checkpoint and how to continue from it)."
+  "(one line naming the last finite checkpoint and how to continue from it); 4 stopped by SIGTERM "
+  "or SIGINT (Ctrl-C) during training, after saving a checkpoint of where it stood (one line: "
+  "continue with --resume); 130 Ctrl-C before training started (nothing was saved)."
 )
+
+
+class RunStopped(RuntimeError):
+  """A run stopped before its end for a reason it reports in one line, with its exit status."""
+
+  exit_status = EXIT_INTERNAL
+
 
 SHARED_GROUP = "training (shared by every trainer)"
 
@@ -348,18 +359,20 @@ def run(
 
   Returns:
     The process exit status: :data:`EXIT_OK`, :data:`EXIT_USAGE` (2) for bad settings or data,
-    :data:`EXIT_NON_FINITE` (3) for a non-finite loss or state. Any other exception propagates
-    (Python exits with 1, :data:`EXIT_INTERNAL`).
+    a :class:`RunStopped`'s own (:data:`EXIT_NON_FINITE`, 3, for a non-finite loss or state;
+    :data:`EXIT_PREEMPTED`, 4, for a signal), :data:`EXIT_INTERRUPTED` (130) for Ctrl-C before
+    training. Any other exception propagates (Python exits with 1, :data:`EXIT_INTERNAL`).
   """
-  from examples import training
-
   try:
     initialize_distributed(args)
     main()
-  except training.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_NON_FINITE
+  except RunStopped as e:
+    print(f"error: {e}" if e.exit_status == EXIT_NON_FINITE else str(e), file=sys.stderr)
+    return e.exit_status
   except (ValueError, *expected) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except KeyboardInterrupt:
+    print("interrupted before training began; nothing was saved", file=sys.stderr)
+    return EXIT_INTERRUPTED
   return EXIT_OK

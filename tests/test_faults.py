@@ -21,6 +21,7 @@ from examples.cifar10 import __main__ as cifar10_main
 from examples.cifar10 import input_pipeline, models
 from examples.ptb import __main__ as ptb_main
 from examples.ptb import input_pipeline as ptb_input
+from examples.training import loop
 
 # optax's step-decay schedule compares a float with the int32 step (see test_training.py).
 pytestmark = pytest.mark.standard_promotion
@@ -80,7 +81,8 @@ def test_non_finite_state_is_not_checkpointed_and_a_lower_lr_continues(tmp_path)
     training.train(PoisonedTask(poison_epoch=2), cfg)
   message = str(error.value)
   assert "epoch 1" in message and "--resume" in message and "--lr (e.g. 0.01)" in message
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
+  # Checkpoints are named by the steps done: epoch 1's after its 4 steps.
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
   assert [r["epoch"] for r in metrics.read_metrics(cfg.workdir)] == [1]
   stopped = metrics.read_stopped(cfg.workdir)
   assert stopped["after_epoch"] == 1 and "non-finite" in stopped["reason"]
@@ -129,11 +131,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_verified_one(tmp_path, caps
     capsys.readouterr()
     history = training.train(PoisonedTask(), resume)
     err = capsys.readouterr().err
-    assert f"the checkpoint of epoch {newest} in" in err and "deleted, continuing from epoch" in err
+    assert (
+      f"the checkpoint of epoch {newest // 4} in" in err and "deleted, continuing from epoch" in err
+    )
     assert "Traceback" not in err
     assert without_timing(history) == without_timing(full), corrupt
     assert without_timing(metrics.read_metrics(cfg.workdir)) == without_timing(full)
-  assert sorted(os.listdir(checkpoints)) == ["2", "3"]
+  assert sorted(os.listdir(checkpoints)) == ["12", "8"]
 
 
 def test_resume_on_other_data_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
@@ -141,7 +145,7 @@ def test_resume_on_other_data_is_refused_before_the_model_is_built(tmp_path, mon
   training.train(PoisonedTask(), dataclasses.replace(cfg, stop_after_epoch=1))
   run = metrics.read_run(cfg.workdir)
   assert run["data"]["sha256"] == PoisonedTask().describe_data()["sha256"]
-  monkeypatch.setattr(training, "make_state", _must_not_run)
+  monkeypatch.setattr(loop, "make_state", _must_not_run)
   with pytest.raises(ValueError, match="data differ"):
     training.train(PoisonedTask(data_seed=1), dataclasses.replace(cfg, resume=True))
 
@@ -172,7 +176,7 @@ def _no_data_no_model(monkeypatch):
   """Makes loading data or building a model fail the test."""
   monkeypatch.setattr(input_pipeline, "load", _must_not_run)
   monkeypatch.setattr(ptb_input, "load", _must_not_run)
-  monkeypatch.setattr(training, "make_state", _must_not_run)
+  monkeypatch.setattr(loop, "make_state", _must_not_run)
 
 
 def _one_line_error(capsys, *words):
@@ -220,7 +224,8 @@ def test_the_command_line_refuses_to_mix_runs_and_overwrites_when_asked(cifar, t
     _one_line_error(capsys, *words)
   assert metrics.read_metrics(tmp_path / "run") == first
   # Garbled or missing metadata: one line naming the file.
-  meta = tmp_path / "run" / "checkpoints" / "1" / "meta" / "metadata"
+  (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+  meta = checkpoint / "meta" / "metadata"
   meta.write_text("{not json")
   assert cifar10_main.main([*cifar, "--resume"]) == cli.EXIT_USAGE
   _one_line_error(capsys, f"{meta} is not valid JSON")

@@ -17,6 +17,8 @@ from examples.cifar10 import train as cifar_train
 from examples.ptb import input_pipeline as ptb_input
 from examples.ptb import models as ptb_models
 from examples.ptb import train as ptb_train
+from examples.training import checkpoints, devices, loop, records, settings
+from examples.training.steps import Steps, make_state
 
 STEPS = 8
 # bfloat16 keeps 8 significant bits, and each layer rounds its activations and their gradients:
@@ -44,22 +46,22 @@ def run_steps(task, config, steps):
     The parameters (host arrays) before the first step and after it, the state after the last
     step, and the mean loss of each step.
   """
-  mesh = training.make_mesh(1)
+  mesh = devices.make_mesh(1)
   root = jax.random.key(config.seed, impl="rbg")
-  tx = training.make_optimizer(task, config).tx
-  model, state = training.make_state(task, tx, root, mesh)
-  jitted = training.Steps(task, model, mesh)
-  key = training.epoch_key(root, 1)
+  tx = settings.make_optimizer(task, config).tx
+  model, state = make_state(task, tx, root, mesh)
+  jitted = Steps(task, model, mesh)
+  key = loop.epoch_key(root, 1)
   batch = jitted.shard(next(iter(task.train_batches(1, key))))
   carry = jitted.shard(task.init_carry(config.batch_size))
   sums = jitted.zero_sums(state, carry, batch, key)
   jitted.compile(state, carry, sums, batch, key)
-  leaves = [list(training.host_leaves(nnx.filter_state(state, nnx.Param)))]
+  leaves = [list(checkpoints.host_leaves(nnx.filter_state(state, nnx.Param)))]
   losses, previous = [], {"loss": 0.0, "count": 0.0}
   for index in range(steps):
     state, carry, sums = jitted.train(state, carry, sums, batch, key, index)
     if index == 0:
-      leaves.append(list(training.host_leaves(nnx.filter_state(state, nnx.Param))))
+      leaves.append(list(checkpoints.host_leaves(nnx.filter_state(state, nnx.Param))))
     totals = {k: float(sums[k]) for k in previous}
     losses.append((totals["loss"] - previous["loss"]) / (totals["count"] - previous["count"]))
     previous = totals
@@ -160,9 +162,9 @@ def test_dtype_flag_is_checked_and_resume_refuses_another_dtype(tmp_path, capsys
   with pytest.raises(
     ValueError, match=r'^--hparam mu_dtype="float64" is not valid; expected float32'
   ):
-    training.check_optimizer(bad_moment, "cifar10")
+    settings.check_optimizer(bad_moment, "cifar10")
   saved = training.LoopConfig(workdir=str(tmp_path), dtype="bfloat16")
-  meta = tmp_path / training.CHECKPOINTS_DIR / "1" / "meta" / "metadata"
+  meta = tmp_path / checkpoints.CHECKPOINTS_DIR / "1" / "meta" / "metadata"
   meta.parent.mkdir(parents=True)
 
   def save(config_record):
@@ -170,14 +172,14 @@ def test_dtype_flag_is_checked_and_resume_refuses_another_dtype(tmp_path, capsys
 
   save(dataclasses.asdict(saved))
   again = training.LoopConfig(workdir=str(tmp_path), resume=True, dtype="bfloat16")
-  assert training.check_previous_run(again).dtype == "bfloat16"
+  assert records.check_previous_run(again).dtype == "bfloat16"
   other = training.LoopConfig(workdir=str(tmp_path), resume=True)
   with pytest.raises(ValueError, match="dtype: checkpoint 'bfloat16', now 'float32'"):
-    training.check_previous_run(other)
+    records.check_previous_run(other)
   # A checkpoint written before --dtype existed was float32.
   record = dataclasses.asdict(saved)
   del record["dtype"]
   save(record)
-  assert training.check_previous_run(other).dtype == "float32"
+  assert records.check_previous_run(other).dtype == "float32"
   with pytest.raises(ValueError, match="dtype: checkpoint 'float32', now 'bfloat16'"):
-    training.check_previous_run(again)
+    records.check_previous_run(again)

@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples import metrics, training
+from examples import metrics
 from examples.cifar10 import models as cifar_models
 from examples.ptb import models as ptb_models
+from examples.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOLD = "HOLD_AFTER_EPOCH"
@@ -78,15 +79,15 @@ def register_models() -> None:
 def _hold_after(epoch: int) -> None:
   """Makes the run wait, when it would start epoch ``epoch`` + 1, until it is killed (or exit
   with an error after :data:`TIMEOUT` seconds, should nobody kill it)."""
-  train_epoch = training.train_epoch
+  train_epoch = loop.train_epoch
 
-  def held(steps, state, task, config, number, *args, **kwargs):
+  def held(ctx, run, number, key):
     if number > epoch:
       time.sleep(TIMEOUT)
       raise SystemExit(f"held after epoch {epoch} for {TIMEOUT} s and not killed")
-    return train_epoch(steps, state, task, config, number, *args, **kwargs)
+    return train_epoch(ctx, run, number, key)
 
-  training.train_epoch = held
+  loop.train_epoch = held
 
 
 def worker(argv: list[str]) -> int:
@@ -254,7 +255,7 @@ def test_cifar10_sharded_and_in_two_processes_killed_and_resumed_as_one(tmp_path
   first.wait_for_epochs(two, 1)
   first.kill()
   assert [p.returncode for p in first.processes] == [-signal.SIGKILL] * 2
-  assert sorted(os.listdir(two / "checkpoints")) == ["1"]
+  assert sorted(os.listdir(two / "checkpoints")) == ["2"]  # named by its steps: 2 an epoch
   resumed = launch("resumed", "cifar10", [*two_args, "--resume"])
   single.wait()
   resumed.wait()

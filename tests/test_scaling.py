@@ -18,6 +18,8 @@ from test_faults import _no_data_no_model, _one_line_error
 
 from examples import cli, training
 from examples.cifar10 import __main__ as cifar10_main
+from examples.training import devices, records
+from examples.training.checkpoints import Checkpoints, host_leaves, state_digest
 
 BAD_FLAGS = [
   (["--mesh", "data=2,fsdp=3"], "--mesh data=2,fsdp=3 is not valid; its sizes multiply to 6"),
@@ -67,11 +69,11 @@ def test_launch_flags_give_initializes_arguments():
 
 
 def test_mesh_text_and_sizes():
-  assert training.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
-  assert training.parse_mesh(" fsdp = 8 ") == {"data": 1, "fsdp": 8}
-  assert training.mesh_sizes(None, 8) == {"data": 8, "fsdp": 1}
-  assert training.mesh_sizes("fsdp=4,data=2", 8) == {"data": 2, "fsdp": 4}
-  mesh = training.make_mesh(None, "data=2,fsdp=4")
+  assert devices.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  assert devices.parse_mesh(" fsdp = 8 ") == {"data": 1, "fsdp": 8}
+  assert devices.mesh_sizes(None, 8) == {"data": 8, "fsdp": 1}
+  assert devices.mesh_sizes("fsdp=4,data=2", 8) == {"data": 2, "fsdp": 4}
+  mesh = devices.make_mesh(None, "data=2,fsdp=4")
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4} and mesh.devices.size == 8
 
 
@@ -88,7 +90,7 @@ def test_fsdp_splits_the_largest_dividing_dimension_of_large_arrays():
 
 
 def test_a_checkpoint_restores_onto_another_layout_and_verifies(tmp_path):
-  sharded_mesh = training.make_mesh(None, "data=2,fsdp=4")
+  sharded_mesh = devices.make_mesh(None, "data=2,fsdp=4")
   values = {
     "kernel": np.arange(64 * 128, dtype=np.float32).reshape(64, 128),
     "bias": np.ones(128, np.float32),
@@ -96,18 +98,18 @@ def test_a_checkpoint_restores_onto_another_layout_and_verifies(tmp_path):
   }
   arrays = {k: v for k, v in values.items() if k != "key"}
   state = {
-    **jax.device_put(arrays, training.state_shardings(arrays, sharded_mesh)),
+    **jax.device_put(arrays, devices.state_shardings(arrays, sharded_mesh)),
     "key": values["key"],
   }
   assert state["kernel"].sharding.spec == P(None, "fsdp")
   assert {s.data.shape for s in state["kernel"].addressable_shards} == {(64, 32)}
-  replicated = NamedSharding(training.make_mesh(None, None), P())
+  replicated = NamedSharding(devices.make_mesh(None, None), P())
   like = {**jax.device_put(jax.tree.map(jnp.zeros_like, arrays), replicated), "key": values["key"]}
-  with training.Checkpoints(tmp_path / "checkpoints") as checkpoints:
+  with Checkpoints(tmp_path / "checkpoints") as checkpoints:
     assert checkpoints.save(1, state, {"epoch": 1, "history": [], "config": {}, "rng": []})
     restored, meta = checkpoints.restore(1, like)
   # The digest is of the whole arrays, whatever their layout: it verifies on the other one.
-  assert meta["sha256"] == training.state_digest(training.host_leaves(values))
+  assert meta["sha256"] == state_digest(host_leaves(values))
   assert restored["kernel"].sharding == replicated
   np.testing.assert_array_equal(restored["kernel"], values["kernel"])
   np.testing.assert_array_equal(
@@ -142,8 +144,8 @@ def test_processes_with_other_settings_or_data_are_refused(tmp_path, monkeypatch
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
-  training.check_same_on_every_process(config(tmp_path), ToyTask())
+  records.check_same_on_every_process(config(tmp_path), ToyTask())
   # Another workdir name is the same run (a folder may be named apart on another host).
-  training.check_same_on_every_process(config(tmp_path, "elsewhere"), ToyTask())
+  records.check_same_on_every_process(config(tmp_path, "elsewhere"), ToyTask())
   with pytest.raises(ValueError, match=r"differ in their settings or data \(process 0 and"):
-    training.check_same_on_every_process(config(tmp_path, seed=1), ToyTask())
+    records.check_same_on_every_process(config(tmp_path, seed=1), ToyTask())

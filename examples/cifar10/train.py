@@ -111,10 +111,12 @@ class Cifar10Task(training.Task):
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return models.create_model(self.model_name, rngs=rngs, dtype=self.dtype)
 
-  def train_batches(self, epoch: int, rng: jax.Array) -> Iterator[dict[str, jax.Array]]:
+  def train_batches(
+    self, epoch: int, rng: jax.Array, start: int = 0
+  ) -> Iterator[dict[str, jax.Array]]:
     del epoch  # the rng already depends on it
     order = jax.random.permutation(rng, self.train_size)
-    for step in range(self.steps_per_epoch):
+    for step in range(start, self.steps_per_epoch):
       yield _gather(self.x_train, self.y_train, order, step, self.batch_size)
 
   def loss(self, model, batch, carry, rng, *, train: bool):

@@ -141,10 +141,12 @@ class PtbTask(training.Task):
   def init_carry(self, batch_size: int) -> models.Carry:
     return models.zero_carry(self.spec, batch_size)
 
-  def train_batches(self, epoch: int, rng: jax.Array) -> Iterator[dict[str, np.ndarray]]:
+  def train_batches(
+    self, epoch: int, rng: jax.Array, start: int = 0
+  ) -> Iterator[dict[str, np.ndarray]]:
     del epoch, rng  # every epoch walks the same windows in order; only dropout is random
     windows = self.train_windows
-    for w in range(self.steps_per_epoch):
+    for w in range(start, self.steps_per_epoch):
       yield {"inputs": windows.inputs[w], "targets": windows.targets[w]}
 
   def loss(self, model, batch, carry, rng, *, train: bool):

@@ -1,0 +1,179 @@
+"""The compiled steps: the model and optimizer state laid out on the mesh, one jitted, functional
+train step (``nnx.split``/``nnx.merge``) built from the task's loss, the eval step, and the
+placement of batches on the devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from examples.training import devices
+from examples.training.task import Batch, Carry, Sums, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The model and optimizer of a run without their state, for the functional steps.
+
+  Attributes:
+    train_graph: the graph of (model, optimizer) in training mode.
+    eval_graph: the same in eval mode.
+    num_params: number of parameters.
+    shardings: where each array of the state lives on the mesh (:func:`devices.state_shardings`).
+  """
+
+  train_graph: nnx.GraphDef
+  eval_graph: nnx.GraphDef
+  num_params: int
+  shardings: Any = None
+
+
+def _create(
+  task: Task, tx: optax.GradientTransformation, root: jax.Array
+) -> tuple[nnx.Module, nnx.Optimizer]:
+  model = task.init_model(
+    nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 2))
+  )
+  return model, nnx.Optimizer(model, task.transform(tx), wrt=nnx.Param)
+
+
+def make_state(
+  task: Task, tx: optax.GradientTransformation, root: jax.Array, mesh: jax.sharding.Mesh
+) -> tuple[Model, nnx.State]:
+  """Initializes the task's model and an ``nnx.Optimizer`` with ``task.transform(tx)`` from ``root``.
+
+  The parameters are drawn from ``fold_in(root, 0)`` and the dropout stream from
+  ``fold_in(root, 2)``. One jitted program creates every array where it lives on ``mesh``
+  (:func:`devices.state_shardings`): a split array is never whole on one device.
+
+  Returns:
+    The model's graphs and the state of (model, optimizer) (parameters, batch statistics, RNG
+    streams, optimizer state), laid out over ``mesh``.
+  """
+  model, optimizer = nnx.eval_shape(functools.partial(_create, task, tx), root)
+  model.train()
+  train_graph, abstract = nnx.split((model, optimizer))
+  model.eval()
+  eval_graph = nnx.graphdef((model, optimizer))
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  shardings = devices.state_shardings(abstract, mesh)
+
+  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
+  # parameter shape, which costs seconds each on a small CPU.
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def create(root):
+    return nnx.split(_create(task, tx, root))[1]
+
+  state = create(root)
+  return Model(train_graph, eval_graph, int(num_params), shardings), state
+
+
+def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoch_key, step):
+  model, optimizer = nnx.merge(graph, state)
+  rng = jax.random.fold_in(epoch_key, step)
+
+  def loss_fn(model):
+    return task.loss(model, batch, carry, rng, train=True)
+
+  (_, (carry, batch_sums)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  sums = {k: sums[k] + batch_sums[k].astype(jnp.float32) for k in sums}
+  return nnx.state((model, optimizer)), jax.lax.stop_gradient(carry), sums
+
+
+def _eval_step(task: Task, graph: nnx.GraphDef, state, carry, batch):
+  model, _ = nnx.merge(graph, state)
+  _, (carry, sums) = task.loss(model, batch, carry, jax.random.key(0), train=False)
+  return carry, {k: v.astype(jnp.float32) for k, v in sums.items()}
+
+
+class Steps:
+  """The jitted train and eval steps of a run, and the placement of batches on the mesh.
+
+  The train step is compiled once, on the first batch (:meth:`compile`), before any clock starts.
+  Both steps take and give the state in its layout (``model.shardings``) and batches split over
+  every device of the mesh.
+
+  Attributes:
+    mesh: the ``data`` x ``fsdp`` mesh.
+    num_devices: devices the batch axis is split over (all of the mesh's).
+    replicated: the sharding of the metric sums (and of the state's small arrays).
+    batch_sharded: the sharding of batches and carries (leading axis over every mesh axis).
+    eval: the jitted eval step, ``(state, carry, batch) -> (carry, sums)``.
+  """
+
+  def __init__(self, task: Task, model: Model, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
+    self.num_devices = mesh.devices.size
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharded = NamedSharding(mesh, P(devices.MESH_AXES))
+    self._task = task
+    self._train_graph = model.train_graph
+    state = model.shardings
+    # The key and the step index are host values of every process (None: replicated).
+    self._train = jax.jit(
+      functools.partial(_train_step, task, model.train_graph),
+      donate_argnums=(0, 1, 2),
+      in_shardings=(state, self.batch_sharded, self.replicated, self.batch_sharded, None, None),
+      out_shardings=(state, self.batch_sharded, self.replicated),
+    )
+    self._compiled = None
+    self.eval = jax.jit(
+      functools.partial(_eval_step, task, model.eval_graph),
+      in_shardings=(state, self.batch_sharded, self.batch_sharded),
+      out_shardings=(self.batch_sharded, self.replicated),
+    )
+
+  def shard(self, tree: Any) -> Any:
+    """Places a batch (or carry) with its leading axis split over the devices.
+
+    In a multi-process run every process holds the same global batch (the same data, order and
+    seed); each places only the rows of its own devices.
+    """
+    if jax.process_count() == 1:
+      return jax.device_put(tree, self.batch_sharded)
+    return jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.batch_sharded), tree)
+
+  def zero_sums(
+    self,
+    state: Any,
+    carry: Carry,
+    batch: Batch,
+    key: jax.Array,
+    start: Mapping[str, float] | None = None,
+  ) -> Sums:
+    """The metric sums the task's loss returns (found by tracing it, not running it), each at its
+    value in ``start`` (a run resumed inside an epoch) or zero."""
+
+    def batch_sums(state, carry, batch):
+      model, _ = nnx.merge(self._train_graph, state)
+      return self._task.loss(model, batch, carry, key, train=True)[1][1]
+
+    keys = jax.eval_shape(batch_sums, state, carry, batch)
+    start = start or {}
+    if "count" not in keys:
+      raise ValueError("Task.loss must return sums with a 'count' entry")
+    if start and set(start) != set(keys):
+      raise ValueError(f"the checkpoint's sums {sorted(start)} are not the task's {sorted(keys)}")
+    return {k: jax.device_put(np.float32(start.get(k, 0.0)), self.replicated) for k in sorted(keys)}
+
+  def compile(self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array) -> None:
+    """Compiles the train step for these shapes, once per run."""
+    if self._compiled is None:
+      self._compiled = self._train.lower(state, carry, sums, batch, key, np.int32(0)).compile()
+
+  def train(
+    self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array, index: int
+  ) -> tuple[Any, Carry, Sums]:
+    """One optimizer step; ``state``, ``carry`` and ``sums`` are donated."""
+    return self._compiled(state, carry, sums, batch, key, np.int32(index))

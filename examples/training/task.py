@@ -1,0 +1,141 @@
+"""What a trainer describes: a :class:`Task` (model, batches, loss, evaluation), and the
+:class:`Evaluator` its evaluation drives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = Any  # a pytree of arrays whose leading axis is the batch (sharded over "data")
+Carry = Any  # a pytree of arrays whose leading axis is the batch, or None
+Sums = dict[str, jax.Array]  # per-step metric sums, e.g. {"loss": sum, "correct": n, "count": n}
+
+
+class Evaluator:
+  """Runs the jitted evaluation step over the batches a task gives it.
+
+  Attributes:
+    num_devices: devices the batch axis is split over; every batch's size must be a multiple.
+    epoch: the epoch just trained (0 when not known).
+    final: whether it is the run's last epoch (``epochs``).
+  """
+
+  def __init__(
+    self,
+    step: Callable[..., tuple[Carry, Sums]],
+    state: Any,
+    shard: Callable[[Any], Any],
+    num_devices: int,
+    *,
+    epoch: int = 0,
+    final: bool = False,
+  ):
+    self._step = step
+    self._state = state
+    self._shard = shard
+    self.num_devices = num_devices
+    self.epoch = epoch
+    self.final = final
+
+  def run(self, batches: Iterable[Batch], carry: Carry = None) -> dict[str, float]:
+    """Sums the task's metric sums over ``batches`` (in eval mode), threading ``carry`` through.
+
+    Args:
+      batches: the batches of one evaluation stream, in order.
+      carry: the initial carried state (e.g. a zero LSTM state), or None.
+
+    Returns:
+      The summed metrics, as Python floats.
+    """
+    totals = None
+    carry = self._shard(carry)
+    for batch in batches:
+      carry, sums = self._step(self._state, carry, self._shard(batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+      raise ValueError("evaluation got no batches")
+    return {k: float(v) for k, v in totals.items()}
+
+
+class Task:
+  """A training problem for :func:`examples.training.train`. Subclass it and fill in the methods.
+
+  Attributes (set by the subclass):
+    registry_task: the optimizer registry's task (``"cifar10"``, ``"ptb2"``, ``"ptb3"``): it picks
+      the paper's hyperparameters.
+    unit: what the batches hold, for throughput: ``"images"`` logs ``images_per_second``.
+    steps_per_epoch: number of batches :meth:`train_batches` yields per epoch.
+    train_size: training examples per epoch (AdamW's normalized weight decay uses it).
+  """
+
+  registry_task: str
+  unit: str = "examples"
+  steps_per_epoch: int
+  train_size: int
+
+  def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model; it is in training mode (``train()``) for steps and ``eval()`` for evaluation."""
+    raise NotImplementedError
+
+  def transform(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The registry's optimizer as the task uses it (e.g. ``chain(clip_by_global_norm(c), tx)``)."""
+    return tx
+
+  def init_carry(self, batch_size: int) -> Carry:
+    """The carried state at the start of each epoch (e.g. zero LSTM states), or None."""
+    del batch_size
+    return None
+
+  def train_batches(self, epoch: int, rng: jax.Array, start: int = 0) -> Iterator[Batch]:
+    """Yields the training batches ``start``, ..., ``steps_per_epoch - 1`` of ``epoch`` (1-based),
+    each of ``batch_size``.
+
+    ``rng`` is derived from the seed and the epoch only, so the same epoch always gets the same
+    batches in the same order, and a run resumed inside an epoch (``start`` > 0) gets the rest of
+    them (exact resumption depends on it).
+    """
+    raise NotImplementedError
+
+  def loss(
+    self, model: nnx.Module, batch: Batch, carry: Carry, rng: jax.Array, *, train: bool
+  ) -> tuple[jax.Array, tuple[Carry, Sums]]:
+    """The scalar loss to minimise, the next carry, and this batch's metric sums.
+
+    Called inside ``jax.jit``. ``sums`` must include ``"count"`` (images or tokens in the batch: the
+    throughput counts it) and is summed over the steps of an epoch or an evaluation stream.
+    ``train`` is False for evaluation (the model is then in eval mode). The loop stops gradients
+    through the returned carry.
+    """
+    raise NotImplementedError
+
+  def checkpoint_state(self) -> dict[str, Any]:
+    """Task state to save with each checkpoint (JSON-serialisable); none by default."""
+    return {}
+
+  def restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+    """Restores what :meth:`checkpoint_state` saved, when a run resumes."""
+    del state
+
+  def describe_data(self) -> dict[str, Any] | None:
+    """What identifies the data: ``{"files": [...], "sha256": fingerprint(arrays used)}``, or None.
+
+    Recorded in run.json and each checkpoint; ``--resume`` refuses other data (same SHA-256).
+    """
+    return None
+
+  def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+    """Turns an epoch's summed training metrics into the logged ones (``loss`` -> ``train_loss``).
+
+    The default divides every sum by ``count``.
+    """
+    count = sums["count"]
+    return {k: v / count for k, v in sums.items() if k != "count"}
+
+  def evaluate(self, evaluator: Evaluator) -> dict[str, float]:
+    """The end-of-epoch evaluation, logged as is (e.g. ``{"test_loss": ..., "test_acc": ...}``)."""
+    raise NotImplementedError
