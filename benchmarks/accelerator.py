@@ -64,7 +64,7 @@ import jax
 import numpy as np
 
 import padam_jax
-from benchmarks import reproduce, update_speed
+from benchmarks import protocol_report, protocols, runs, update_speed
 from examples import metrics
 
 STEPS = ("update-step", "throughput", "gpu-short")
@@ -125,7 +125,7 @@ class Settings:
   """
 
   trees: tuple[tuple[str, str, update_speed.Shapes], ...]
-  protocol: reproduce.Protocol
+  protocol: protocols.Protocol
   rows: tuple[str, ...] = UPDATE_ROWS
   rounds: int = 7
   calls: int = 5
@@ -144,14 +144,14 @@ class Settings:
 
 def full_settings() -> Settings:
   """The accelerator sizes: ResNet-18 and the 98.4M-parameter transformer tree, gpu-short."""
-  return Settings(trees=tuple(update_speed.trees()), protocol=reproduce.PROTOCOLS["gpu-short"])
+  return Settings(trees=tuple(update_speed.trees()), protocol=protocols.PROTOCOLS["gpu-short"])
 
 
 def tiny_settings() -> Settings:
   """A CPU rehearsal: the quick trees, a few steps of the smallest models, gpu-short-tiny."""
   return Settings(
     trees=tuple(update_speed.trees(quick=True)),
-    protocol=reproduce.PROTOCOLS["gpu-short-tiny"],
+    protocol=protocols.PROTOCOLS["gpu-short-tiny"],
     rounds=2,
     calls=3,
     steps_per_call=5,
@@ -671,7 +671,7 @@ class EpochCost:
     self.epoch, self.start, self.observed = epoch, start, True
 
 
-def initial_cost(kit: Kit, protocol: reproduce.Protocol) -> EpochCost:
+def initial_cost(kit: Kit, protocol: protocols.Protocol) -> EpochCost:
   """The first guess of a training call's cost.
 
   The epoch: from earlier runs' metrics in the output folder, else from the throughput row of the
@@ -681,7 +681,7 @@ def initial_cost(kit: Kit, protocol: reproduce.Protocol) -> EpochCost:
   records = []
   for variant in protocol.variants:
     try:
-      records += metrics.read_metrics(reproduce.run_dir(protocol, variant, 0, kit.out))
+      records += metrics.read_metrics(protocols.run_dir(protocol, variant, 0, kit.out))
     except FileNotFoundError:
       pass
   cost = EpochCost(start=kit.settings.trainer_seconds)
@@ -716,22 +716,22 @@ def gpu_short_markdown(kit: Kit, parts: Sequence[dict[str, Any]]) -> str:
     + ("" if p["status"] == "done" else f", {p['status']}: {p['reason']}")
     for p in parts
   ]
-  lines += ["", reproduce.table(protocol, 1, kit.out)]
+  lines += ["", protocol_report.table(protocol, 1, kit.out)]
   figure = kit.out / protocol.name / "figure2_curves.png"
   if figure.is_file():
     lines += [f"![{protocol.name} curves]({protocol.name}/figure2_curves.png)", ""]
   return "\n".join(lines)
 
 
-def _epochs_done(kit: Kit, protocol: reproduce.Protocol, variant: reproduce.Variant) -> int:
+def _epochs_done(kit: Kit, protocol: protocols.Protocol, variant: protocols.Variant) -> int:
   try:
-    return len(metrics.read_metrics(reproduce.run_dir(protocol, variant, 0, kit.out)))
+    return len(metrics.read_metrics(protocols.run_dir(protocol, variant, 0, kit.out)))
   except FileNotFoundError:
     return 0
 
 
 def train_variant(
-  kit: Kit, protocol: reproduce.Protocol, variant: reproduce.Variant, cost: EpochCost
+  kit: Kit, protocol: protocols.Protocol, variant: protocols.Variant, cost: EpochCost
 ) -> dict[str, Any]:
   """Trains one run of the protocol, in as many calls as the budget allows; returns its part."""
   from examples import training
@@ -751,7 +751,7 @@ def train_variant(
     kit.log(f"{protocol.name}: {variant.label}: epochs {done + 1}-{done + count} of {epochs}")
     start = time.monotonic()
     try:
-      reproduce.train_run(
+      runs.train_run(
         protocol,
         variant,
         0,
@@ -763,15 +763,15 @@ def train_variant(
     except (ValueError, FileNotFoundError, training.NonFiniteLossError) as e:
       reason = kit.shown(str(e).splitlines()[0] if str(e) else type(e).__name__)
       return {**part, "epochs_done": done, "status": "failed", "reason": reason}
-    history = metrics.read_metrics(reproduce.run_dir(protocol, variant, 0, kit.out))
+    history = metrics.read_metrics(protocols.run_dir(protocol, variant, 0, kit.out))
     if len(history) <= done:
       reason = f"the trainer returned after epoch {len(history)} without training epoch {done + 1}"
       return {**part, "epochs_done": len(history), "status": "failed", "reason": reason}
     cost.observe(history[done:], time.monotonic() - start)
-    reproduce.write_report(protocol, seeds=1, root=kit.out)
+    protocol_report.write_report(protocol, seeds=1, root=kit.out)
   # A finished run is never resumed: its checkpoints would only make the folder heavier.
   shutil.rmtree(
-    reproduce.run_dir(protocol, variant, 0, kit.out) / "checkpoints", ignore_errors=True
+    protocols.run_dir(protocol, variant, 0, kit.out) / "checkpoints", ignore_errors=True
   )
   return {**part, "epochs_done": epochs, "status": "done"}
 
@@ -781,7 +781,7 @@ def run_gpu_short(kit: Kit, previous: dict[str, Any] | None) -> None:
   protocol = kit.settings.protocol
   seconds = (previous or {}).get("seconds", 0.0)
   start = time.monotonic()
-  variants = reproduce.select_variants(protocol)
+  variants = runs.select_variants(protocol)
   if kit.data.cifar is None:
     reason = kit.shown(kit.data.cifar_error)
     kit.log(f"{protocol.name}: not run ({reason})")
@@ -806,7 +806,7 @@ def run_gpu_short(kit: Kit, previous: dict[str, Any] | None) -> None:
     elapsed = seconds + time.monotonic() - start
     _save_parts(kit, "gpu-short", parts, len(variants), elapsed, gpu_short_markdown)
   if any(p["epochs_done"] for p in parts):
-    reproduce.write_report(protocol, seeds=1, root=kit.out)
+    protocol_report.write_report(protocol, seeds=1, root=kit.out)
   elapsed = seconds + time.monotonic() - start
   _save_parts(kit, "gpu-short", parts, len(variants), elapsed, gpu_short_markdown)
 

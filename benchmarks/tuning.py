@@ -1,6 +1,6 @@
 """Learning rates tuned on a validation split: the grid, the choice, and the seeds at the choice.
 
-A tuned protocol (:class:`benchmarks.reproduce.Protocol` with a :class:`Tuning`) runs, for each of
+A tuned protocol (a :class:`benchmarks.protocols.Protocol` with a ``Tuning``) runs, for each of
 its variants, seed 0 at ``base * factor**k`` for ``k`` in ``Tuning.start`` (e.g. x1/3, x1, x3 of the
 registry's rate); when the best final validation score is at an edge of the grid, the grid grows
 past that edge (up to ``factor**reach``), so that the rate chosen is never a boundary of what was
@@ -17,32 +17,11 @@ import dataclasses
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks import stats
+from benchmarks.protocols import Protocol, Variant, slug
 from examples import metrics
-
-if TYPE_CHECKING:
-  from benchmarks.reproduce import Protocol, Variant
-
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-  """How a protocol picks each variant's learning rate.
-
-  Attributes:
-    factor: the grid's ratio between neighbouring rates.
-    start: the first grid, as powers of ``factor`` times the base rate.
-    reach: the grid grows past an edge holding the best score up to ``factor**reach``.
-    seeds: seeds run at the chosen rate (seed 0 is the grid's run).
-    select: the metric (last epoch) that picks the rate; higher is better.
-  """
-
-  factor: float = 3.0
-  start: tuple[int, ...] = (-1, 0, 1)
-  reach: int = 2
-  seeds: int = 3
-  select: str = "val_acc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +79,11 @@ def learning_rate(protocol: Protocol, variant: Variant, step: int) -> float:
   return float(f"{base_rate(protocol, variant) * protocol.tuning.factor**step:.6g}")
 
 
-def run_dir(protocol: Protocol, variant: Variant, step: int, seed: int, root: pathlib.Path):
-  from benchmarks.reproduce import _slug
-
-  name = _slug(variant.run or variant.label)
+def run_dir(
+  protocol: Protocol, variant: Variant, step: int, seed: int, root: pathlib.Path
+) -> pathlib.Path:
+  """The folder of a tuned protocol's run: ``root/runs/SETTING/LABEL-lrTAG-seedS``."""
+  name = slug(variant.run or variant.label)
   tag = step_tag(step, protocol.tuning.factor)
   return root / "runs" / protocol.setting / f"{name}-lr{tag}-seed{seed}"
 

@@ -14,7 +14,7 @@ import pytest
 from test_cifar10 import synthetic_cifar
 from test_faults import TinyNet
 
-from benchmarks import accelerator, reproduce
+from benchmarks import accelerator, protocols
 from examples import speed
 from examples.cifar10 import __main__ as cifar_main
 from examples.cifar10 import models
@@ -22,7 +22,7 @@ from examples.ptb import __main__ as ptb_main
 
 pytestmark = pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
 
-PROTOCOL = reproduce.Protocol(
+PROTOCOL = protocols.Protocol(
   name="kit-test",
   task="cifar10",
   setting="kit-test",
@@ -35,7 +35,7 @@ PROTOCOL = reproduce.Protocol(
     eval_batch_size=10,
     devices=1,
   ),
-  variants=(reproduce.Variant("sgdm", "sgdm"), reproduce.Variant("padam", "padam")),
+  variants=(protocols.Variant("sgdm", "sgdm"), protocols.Variant("padam", "padam")),
 )
 SETTINGS = accelerator.Settings(
   trees=(("small", "two arrays", {"conv/kernel": (3, 3, 2, 4), "conv/bias": (4,)}),),

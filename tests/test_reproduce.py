@@ -1,19 +1,22 @@
-"""The reproduction driver: skip finished runs, resume interrupted ones, tables from metrics only."""
+"""The reproduction driver: skip finished runs, resume interrupted ones, tables from metrics only,
+no import circle among the benchmark modules."""
 
+import ast
 import dataclasses
+import pathlib
 
 import numpy as np
 import pytest
 from test_cifar10 import synthetic_cifar
 from test_faults import TinyNet
 
-from benchmarks import reproduce
+from benchmarks import protocol_report, protocols, runs
 from examples import metrics
 from examples.cifar10 import models
 
 pytestmark = pytest.mark.standard_promotion  # the trainers' schedules (see test_cifar10.py)
 
-TINY = reproduce.Protocol(
+TINY = protocols.Protocol(
   name="tiny",
   task="cifar10",
   setting="tiny",
@@ -21,10 +24,10 @@ TINY = reproduce.Protocol(
     model="resnet8_w0.5", train_size=20, test_size=10, batch_size=10, epochs=2, eval_batch_size=10
   ),
   variants=(
-    reproduce.Variant("sgdm", "sgdm"),
-    reproduce.Variant("padam p=1/4", "padam", {"p": 0.25}),
+    protocols.Variant("sgdm", "sgdm"),
+    protocols.Variant("padam p=1/4", "padam", {"p": 0.25}),
   ),
-  paper=("paper: ResNet-18", reproduce.PAPER_CIFAR10_ACC["resnet18"]),
+  paper=("paper: ResNet-18", protocols.PAPER_CIFAR10_ACC["resnet18"]),
 )
 
 
@@ -47,7 +50,7 @@ def test_grid_resumes_an_interrupted_run_and_skips_a_finished_one(
     TINY, variants=TINY.variants[:1], config={**TINY.config, "model": "tiny"}
   )
   overrides = {"devices": 1}
-  reproduce.run_grid(
+  runs.run_grid(
     one,
     seeds=1,
     data_dir=data_dir,
@@ -56,14 +59,10 @@ def test_grid_resumes_an_interrupted_run_and_skips_a_finished_one(
     overrides={**overrides, "stop_after_epoch": 1},
   )
   assert "running or interrupted (1/2 epochs)" in (root / "tiny" / "table.md").read_text()
-  reproduce.run_grid(
-    one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False
-  )
+  runs.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
   assert "resuming" in capsys.readouterr().out
-  assert len(metrics.read_metrics(reproduce.run_dir(one, one.variants[0], 0, root))) == 2
-  reproduce.run_grid(
-    one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False
-  )
+  assert len(metrics.read_metrics(protocols.run_dir(one, one.variants[0], 0, root))) == 2
+  runs.run_grid(one, seeds=1, data_dir=data_dir, root=root, overrides=overrides, progress=False)
   assert "finished, skipped" in capsys.readouterr().out
 
 
@@ -87,20 +86,20 @@ def test_table_and_figure_come_from_the_metrics_files(tmp_path):
   root = tmp_path / "results"
   sgdm, padam = TINY.variants
   for seed, acc in enumerate((0.61, 0.65)):
-    workdir = reproduce.run_dir(TINY, sgdm, seed, root)
+    workdir = protocols.run_dir(TINY, sgdm, seed, root)
     workdir.mkdir(parents=True)
     metrics.write_metrics(workdir, fake_history(2, acc, seed))
-  workdir = reproduce.run_dir(TINY, padam, 0, root)
+  workdir = protocols.run_dir(TINY, padam, 0, root)
   workdir.mkdir(parents=True)
   metrics.write_metrics(workdir, fake_history(2, 0.7, 5)[:1])  # interrupted after epoch 1
 
-  reproduce.write_report(TINY, seeds=2, root=root)
+  protocol_report.write_report(TINY, seeds=2, root=root)
   table = (root / "tiny" / "table.md").read_text()
   rows = {
     line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")
   }
   cells = [c.strip() for c in rows["sgdm"].strip("|").split("|")]
-  histories = [metrics.read_metrics(reproduce.run_dir(TINY, sgdm, s, root)) for s in (0, 1)]
+  histories = [metrics.read_metrics(protocols.run_dir(TINY, sgdm, s, root)) for s in (0, 1)]
   final = [100 * h[-1]["test_acc"] for h in histories]
   assert (
     cells[1] == f"**{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}**"
@@ -117,18 +116,42 @@ def test_table_and_figure_come_from_the_metrics_files(tmp_path):
 
 def test_unknown_only_lists_the_valid_labels(tmp_path, data_dir):
   with pytest.raises(ValueError, match="valid: sgdm, padam p=1/4"):
-    reproduce.run_grid(TINY, seeds=1, only=["adam"], data_dir=data_dir, root=tmp_path)
+    runs.run_grid(TINY, seeds=1, only=["adam"], data_dir=data_dir, root=tmp_path)
 
 
 def test_protocols_that_share_a_setting_share_identical_runs():
-  mini, sweep = reproduce.PROTOCOLS["cifar10-mini"], reproduce.PROTOCOLS["psweep-mini"]
+  mini, sweep = protocols.PROTOCOLS["cifar10-mini"], protocols.PROTOCOLS["psweep-mini"]
   assert mini.setting == sweep.setting and mini.config == sweep.config
-  dirs = {reproduce.run_dir(mini, v, 0): v for v in mini.variants}
+  dirs = {protocols.run_dir(mini, v, 0): v for v in mini.variants}
   shared = [
-    (dirs[reproduce.run_dir(sweep, v, 0)], v)
+    (dirs[protocols.run_dir(sweep, v, 0)], v)
     for v in sweep.variants
-    if reproduce.run_dir(sweep, v, 0) in dirs
+    if protocols.run_dir(sweep, v, 0) in dirs
   ]
   assert sorted(a.optimizer for a, _ in shared) == ["padam", "sgdm"]
   for a, b in shared:  # the same folder only for the same optimizer and hyperparameters
     assert (a.optimizer, dict(a.hparams)) == (b.optimizer, dict(b.hparams))
+
+
+def test_no_benchmark_module_imports_itself_through_others():
+  # Every import counts: at the top, inside a function, or for type checking only.
+  folder = pathlib.Path(protocols.__file__).parent
+  names = {p.stem for p in folder.glob("*.py")}
+  graph = {}
+  for name in names:
+    imported = set()
+    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+        imported |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+        imported.add(node.module.split(".")[1])
+      elif isinstance(node, ast.Import):
+        imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
+    graph[name] = imported & names
+  for start in graph:  # nothing reached from a module leads back to it
+    reached, todo = set(), list(graph[start])
+    while todo:
+      if (name := todo.pop()) not in reached:
+        reached.add(name)
+        todo += graph[name]
+    assert start not in reached, start

@@ -9,37 +9,38 @@ import shutil
 import numpy as np
 import pytest
 
-from benchmarks import reproduce, stats, tuning
+from benchmarks import runs, stats, tuning
+from benchmarks.protocols import Protocol, Tuning, Variant
 from examples import cli, metrics
 from examples.cifar10 import train as cifar10_train
 
 EPOCHS = 3
-TUNED = reproduce.Protocol(
+TUNED = Protocol(
   name="tuned",
   task="cifar10",
   setting="tuned",
   config=dict(model="resnet8", train_size=20, val_size=10, batch_size=10, epochs=EPOCHS),
-  variants=(reproduce.Variant("sgdm", "sgdm"), reproduce.Variant("padam", "padam")),
-  tuning=tuning.Tuning(seeds=3),
+  variants=(Variant("sgdm", "sgdm"), Variant("padam", "padam")),
+  tuning=Tuning(seeds=3),
   compare=(("padam", "sgdm"),),
 )
-FOLLOW = reproduce.Protocol(
+FOLLOW = Protocol(
   name="follow",
   task="cifar10",
   setting="tuned",
   config=TUNED.config,
   variants=(
-    reproduce.Variant("padam", "padam", rate_of=("tuned", "padam")),
-    reproduce.Variant("padam wd x2", "padam", {"weight_decay": 1e-3}, rate_of=("tuned", "padam")),
+    Variant("padam", "padam", rate_of=("tuned", "padam")),
+    Variant("padam wd x2", "padam", {"weight_decay": 1e-3}, rate_of=("tuned", "padam")),
   ),
-  tuning=tuning.Tuning(seeds=2),
+  tuning=Tuning(seeds=2),
 )
 PROTOCOLS = {"tuned": TUNED, "follow": FOLLOW}
 
 
 @pytest.fixture(autouse=True)
 def protocols(monkeypatch):
-  monkeypatch.setattr(reproduce, "PROTOCOLS", PROTOCOLS)
+  monkeypatch.setattr("benchmarks.protocols.PROTOCOLS", PROTOCOLS)
 
 
 def finish(root, protocol, label, step, seed, val_acc, test_acc=0.5):
@@ -64,7 +65,7 @@ def test_step_tags_and_rates():
   sgdm = TUNED.variants[0]
   assert tuning.learning_rate(TUNED, sgdm, 1) == 0.3  # printed as 0.3, not 0.30000000000000004
   assert tuning.learning_rate(TUNED, sgdm, -1) == pytest.approx(0.1 / 3, rel=1e-6)
-  assert tuning.learning_rate(TUNED, reproduce.Variant("a", "adam"), 0) == 1e-3
+  assert tuning.learning_rate(TUNED, Variant("a", "adam"), 0) == 1e-3
 
 
 def test_the_grid_grows_past_an_edge_then_seeds_run_at_the_choice(tmp_path):
@@ -163,8 +164,8 @@ def test_the_grid_figure_has_each_finite_run_of_the_grid_and_the_choice(tmp_path
 
 
 def test_commands_rebuild_each_config(tmp_path, monkeypatch):
-  monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
-  lines = reproduce.commands(TUNED, seeds=3, data_dir="DIR")
+  monkeypatch.setattr("benchmarks.protocols.RESULTS", tmp_path)
+  lines = runs.commands(TUNED, seeds=3, data_dir="DIR")
   assert len(lines) == 6
   words = shlex.split(lines[-1])
   assert words[:3] == ["python", "-m", "examples.cifar10"]
