@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import protocols, stats, tuning
-from benchmarks.protocols import RESULTS, Protocol, Variant, finished_epochs, run_dir
+from benchmarks.protocols import RESULTS, Protocol, Variant, finished_epochs, run_dir, slug
 from examples import metrics
 
 
@@ -241,3 +241,18 @@ def _write_tuned_report(
       title=f"{protocol.name}: {protocol.config.get('model')}, the learning-rate grid (chosen ringed)",
     )
   return out
+
+
+def has_runs(protocol: Protocol, seeds: int, root: pathlib.Path = RESULTS) -> bool:
+  """Whether ``root`` holds a run of ``protocol`` with a finished epoch or a stop record: a report
+  of no run would be all blanks."""
+  if protocol.tuning is None:
+    folders = [run_dir(protocol, v, s, root) for v in protocol.variants for s in range(seeds)]
+  else:  # any learning rate and seed of the grids and of the chosen rates
+    setting = root / "runs" / protocol.setting
+    folders = [
+      folder
+      for variant in protocol.variants
+      for folder in setting.glob(f"{slug(variant.run or variant.label)}-lr*-seed*")
+    ]
+  return any(finished_epochs(f) or metrics.read_stopped(f) is not None for f in folders)

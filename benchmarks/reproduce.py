@@ -14,6 +14,10 @@ skipped, an interrupted one resumes from its last checkpoint: the command can be
 re-run at any time. After each run, ``benchmarks/results/PROTOCOL/`` is rewritten from the
 metrics files alone: ``table.md`` (the paper's Table 1/3 layout) and the figures.
 
+``--commands`` prints nothing on standard output when no run is left, and says so on standard
+error. ``--report-only`` with no run of the protocol to report writes nothing and exits with
+status 2, as an error does.
+
 The protocols are in :mod:`benchmarks.protocols`, the running in :mod:`benchmarks.runs` (and
 :mod:`benchmarks.tuning` for a tuned protocol's learning rates), the report in
 :mod:`benchmarks.protocol_report`.
@@ -27,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks import protocols, runs
-from benchmarks.protocol_report import write_report
+from benchmarks.protocol_report import has_runs, write_report
 from benchmarks.protocols import RESULTS
 
 
@@ -74,11 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   if seeds < 1:
     parser.error(f"--seeds must be >= 1, got {seeds}")
   if args.commands:
-    lines = runs.commands(
-      protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, root=args.results
-    )
-    print("\n".join(lines))
+    try:
+      lines = runs.commands(
+        protocol, seeds=seeds, only=args.only, data_dir=args.data_dir, root=args.results
+      )
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    if lines:
+      print("\n".join(lines))
     return 0
+  if args.report_only and not has_runs(protocol, seeds, args.results):
+    where = runs.shown(args.results / "runs" / protocol.setting)
+    print(f"error: no runs of {protocol.name} to report (none in {where}/)", file=sys.stderr)
+    return 2
   if not args.report_only:
     from examples import cli
 

@@ -99,7 +99,7 @@ def train_run(
     print(f"{name}: {how}, skipped", flush=True)
     return False
   done = finished_epochs(workdir)
-  print(f"{name}: {'resuming' if done else 'starting'} in {_shown(workdir)}", flush=True)
+  print(f"{name}: {'resuming' if done else 'starting'} in {shown(workdir)}", flush=True)
   start = time.perf_counter()
   config = trainer.Config(
     **config_fields,
@@ -146,12 +146,12 @@ def run_tuned(
       learning_rate=job.learning_rate,
     )
     write_report(protocol, seeds=seeds, root=root)
-  for variant in protocol.variants:
-    if waiting := tuning.grid(protocol, variant, protocols.PROTOCOLS, root).waiting:
-      print(f"[{protocol.name}] {variant.label} {waiting}", flush=True)
+  for line in waiting(protocol, root):
+    print(f"[{protocol.name}] {line}", flush=True)
 
 
-def _shown(path: pathlib.Path) -> str:
+def shown(path: pathlib.Path) -> str:
+  """``path`` relative to the working folder when it is inside it (as commands and logs show it)."""
   try:
     return str(path.resolve().relative_to(pathlib.Path.cwd()))
   except ValueError:
@@ -169,6 +169,7 @@ def run_grid(
   progress: bool = True,
 ) -> None:
   """Trains every (variant, seed) of ``protocol`` that is not finished, rewriting the report after each."""
+  variants = select_variants(protocol, only)
   if protocol.tuning is not None:
     run_tuned(
       protocol,
@@ -180,7 +181,6 @@ def run_grid(
       progress=progress,
     )
     return
-  variants = select_variants(protocol, only)
   for seed in range(seeds):
     for variant in variants:
       trained = train_run(
@@ -196,6 +196,41 @@ def run_grid(
         write_report(protocol, seeds=seeds, root=root)
 
 
+def _jobs(
+  protocol: Protocol, seeds: int, only: Sequence[str], root: pathlib.Path
+) -> list[tuple[Variant, int, pathlib.Path, float | None]]:
+  """(variant, seed, workdir, learning rate or None) per run that can start now and is not
+  finished.
+
+  Raises:
+    ValueError: when ``only`` names no variant (:func:`select_variants`).
+  """
+  variants = select_variants(protocol, only)
+  if protocol.tuning is not None:
+    return [
+      (j.variant, j.seed, j.workdir, j.learning_rate)
+      for j in tuning.plan(protocol, protocols.PROTOCOLS, root, seeds, only)
+    ]
+  return [
+    (v, seed, run_dir(protocol, v, seed, root), None)
+    for seed in range(seeds)
+    for v in variants
+    if _ended(run_dir(protocol, v, seed, root), protocol.config["epochs"]) is None
+  ]
+
+
+def waiting(protocol: Protocol, root: pathlib.Path = RESULTS) -> list[str]:
+  """``"LABEL waits for ..."`` per variant of a tuned protocol that cannot run yet (its rate is
+  chosen by another protocol's grid that has not finished)."""
+  if protocol.tuning is None:
+    return []
+  return [
+    f"{variant.label} {why}"
+    for variant in protocol.variants
+    if (why := tuning.grid(protocol, variant, protocols.PROTOCOLS, root).waiting)
+  ]
+
+
 def commands(
   protocol: Protocol,
   *,
@@ -205,26 +240,25 @@ def commands(
   root: pathlib.Path = RESULTS,
 ) -> list[str]:
   """One shell command per run that can start now and is not finished (each writes only its
-  own folder); for a tuned protocol, rerun it as runs finish to get the next ones."""
+  own folder); for a tuned protocol, rerun it as runs finish to get the next ones.
+
+  On standard error, as ``#`` comments: why a variant waits, or, when no run is left, that every
+  run is finished (a run stopped on a non-finite value counts as finished).
+
+  Raises:
+    ValueError: when ``only`` names no variant.
+  """
   from examples import cli
 
   trainer = _trainer(protocol.task)
   module = f"examples.{protocol.task}"
-  if protocol.tuning is not None:
-    jobs = [
-      (j.variant, j.seed, j.workdir, j.learning_rate)
-      for j in tuning.plan(protocol, protocols.PROTOCOLS, root, seeds, only)
-    ]
-  else:
-    jobs = [
-      (v, seed, run_dir(protocol, v, seed, root), None)
-      for seed in range(seeds)
-      for v in select_variants(protocol, only)
-      if _ended(run_dir(protocol, v, seed, root), protocol.config["epochs"]) is None
-    ]
-  for variant in protocol.variants if protocol.tuning is not None else ():
-    if waiting := tuning.grid(protocol, variant, protocols.PROTOCOLS, root).waiting:
-      print(f"# {variant.label} {waiting}", file=sys.stderr)
+  jobs = _jobs(protocol, seeds, only, root)
+  waits = waiting(protocol, root)
+  for line in waits:
+    print(f"# {line}", file=sys.stderr)
+  if not jobs and not waits:
+    named = " named by --only" if only else ""
+    print(f"# every run of {protocol.name}{named} is finished", file=sys.stderr)
   lines = []
   for variant, seed, workdir, rate in jobs:
     config = trainer.Config(
@@ -232,7 +266,7 @@ def commands(
       optimizer=variant.optimizer,
       hparams=dict(variant.hparams),
       seed=seed,
-      workdir=_shown(workdir),
+      workdir=shown(workdir),
       resume=True,
       learning_rate=rate,
       progress=False,

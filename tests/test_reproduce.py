@@ -10,7 +10,7 @@ import pytest
 from test_cifar10 import synthetic_cifar
 from test_faults import TinyNet
 
-from benchmarks import protocol_report, protocols, runs
+from benchmarks import protocol_report, protocols, reproduce, runs
 from examples import metrics
 from examples.cifar10 import models
 
@@ -131,6 +131,42 @@ def test_protocols_that_share_a_setting_share_identical_runs():
   assert sorted(a.optimizer for a, _ in shared) == ["padam", "sgdm"]
   for a, b in shared:  # the same folder only for the same optimizer and hyperparameters
     assert (a.optimizer, dict(a.hparams)) == (b.optimizer, dict(b.hparams))
+
+
+def test_commands_say_on_standard_error_when_every_run_is_finished(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(protocols.PROTOCOLS, "tiny", TINY)
+  argv = ["tiny", "--commands", "--results", str(tmp_path)]
+  sgdm, padam = TINY.variants
+  workdir = protocols.run_dir(TINY, sgdm, 0, tmp_path)
+  workdir.mkdir(parents=True)
+  metrics.write_metrics(workdir, fake_history(2, 0.6, 0))
+  assert reproduce.main(argv) == 0
+  out, err = capsys.readouterr()
+  assert len(out.splitlines()) == 1 and "--hparam p=0.25" in out and err == ""
+  workdir = protocols.run_dir(TINY, padam, 0, tmp_path)
+  workdir.mkdir(parents=True)
+  metrics.write_metrics(workdir, fake_history(2, 0.7, 1))
+  assert reproduce.main(argv) == 0
+  assert capsys.readouterr() == ("", "# every run of tiny is finished\n")
+  assert reproduce.main([*argv, "--only", "adam"]) == 2
+  assert "matches no run of tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cifar10-mini", "cifar10-tuned"])
+def test_a_report_of_no_run_writes_nothing(tmp_path, capsys, name):
+  assert reproduce.main([name, "--report-only", "--results", str(tmp_path)]) == 2
+  assert list(tmp_path.iterdir()) == []
+  assert f"error: no runs of {name} to report" in capsys.readouterr().err
+
+
+def test_a_report_of_one_run_is_written(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(protocols.PROTOCOLS, "tiny", TINY)
+  workdir = protocols.run_dir(TINY, TINY.variants[1], 0, tmp_path)
+  workdir.mkdir(parents=True)
+  metrics.write_metrics(workdir, fake_history(2, 0.7, 1)[:1])  # interrupted after epoch 1
+  assert reproduce.main(["tiny", "--report-only", "--results", str(tmp_path)]) == 0
+  assert "running or interrupted (1/2 epochs)" in capsys.readouterr().out
+  assert (tmp_path / "tiny" / "table.md").is_file()
 
 
 def test_no_benchmark_module_imports_itself_through_others():
