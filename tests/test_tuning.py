@@ -236,11 +236,12 @@ def test_validation_split_and_evaluation_and_checkpoint_intervals(tmp_path, monk
     [],
     ["test_acc", "test_loss", "val_acc", "val_loss"],
   ]
-  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["2", "4"]
+  # Checkpoints are named by the steps done, 2 an epoch: epochs 2 and 4.
+  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["4", "8"]
   # Killed after epoch 3 (its checkpoint not due): the resumed run redoes epoch 3 from epoch 2's
   # checkpoint and ends as the uninterrupted one.
   cifar10_train.train_and_evaluate(config("cut", stop_after_epoch=3))
-  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # as if killed before it was written
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")  # as if killed before it was written
   resumed = cifar10_train.train_and_evaluate(config("cut", resume=True))
   assert len(metrics.read_metrics(tmp_path / "cut")) == 4
   for a, b in zip(whole, resumed, strict=True):
