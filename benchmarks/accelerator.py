@@ -64,7 +64,7 @@ import jax
 import numpy as np
 
 import padam_jax
-from benchmarks import protocol_report, protocols, runs, update_speed
+from benchmarks import param_trees, protocol_report, protocols, runs, step_timing
 from examples import metrics
 
 STEPS = ("update-step", "throughput", "gpu-short")
@@ -124,7 +124,7 @@ class Settings:
     margin_seconds: time kept at the end of the budget for the last reports.
   """
 
-  trees: tuple[tuple[str, str, update_speed.Shapes], ...]
+  trees: tuple[tuple[str, str, param_trees.Shapes], ...]
   protocol: protocols.Protocol
   rows: tuple[str, ...] = UPDATE_ROWS
   rounds: int = 7
@@ -144,13 +144,13 @@ class Settings:
 
 def full_settings() -> Settings:
   """The accelerator sizes: ResNet-18 and the 98.4M-parameter transformer tree, gpu-short."""
-  return Settings(trees=tuple(update_speed.trees()), protocol=protocols.PROTOCOLS["gpu-short"])
+  return Settings(trees=tuple(param_trees.trees()), protocol=protocols.PROTOCOLS["gpu-short"])
 
 
 def tiny_settings() -> Settings:
   """A CPU rehearsal: the quick trees, a few steps of the smallest models, gpu-short-tiny."""
   return Settings(
-    trees=tuple(update_speed.trees(quick=True)),
+    trees=tuple(param_trees.trees(quick=True)),
     protocol=protocols.PROTOCOLS["gpu-short-tiny"],
     rounds=2,
     calls=3,
@@ -343,13 +343,13 @@ def moved_bytes(state_arrays: float, param_bytes: int) -> float:
   return (3 + 2 * state_arrays) * param_bytes
 
 
-def time_tree(kit: Kit, key: str, name: str, shapes: update_speed.Shapes) -> dict[str, Any]:
+def time_tree(kit: Kit, key: str, name: str, shapes: param_trees.Shapes) -> dict[str, Any]:
   """Times the update-step rows on one tree; returns the tree's part of the record."""
   settings = kit.settings
-  bench = update_speed.Bench.build(name, shapes, False, settings.steps_per_call)
-  rows = update_speed.choose_rows(update_speed.make_rows(False, ()), list(settings.rows))
-  update_speed.measure(bench, rows, settings.rounds, settings.calls, kit.log, analyse=False)
-  param_bytes = update_speed.tree_bytes(bench.params)
+  bench = step_timing.Bench.build(name, shapes, False, settings.steps_per_call)
+  rows = step_timing.choose_rows(step_timing.make_rows(False, ()), list(settings.rows))
+  step_timing.measure(bench, rows, settings.rounds, settings.calls, kit.log, analyse=False)
+  param_bytes = param_trees.tree_bytes(bench.params)
   median = {r.name: float(np.median(r.times)) for r in rows}
   peak = kit.device["peak_bandwidth"]
   out = []

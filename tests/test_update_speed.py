@@ -12,11 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None
-from benchmarks import update_speed
-assert update_speed.torch is None
-with_torch, note = update_speed.torch_rows(no_torch=False)
+from benchmarks import step_timing, update_speed
+assert step_timing.torch is None
+with_torch, note = step_timing.torch_rows(no_torch=False)
 assert not with_torch and note.startswith("PyTorch rows skipped: torch not installed"), note
-rows = update_speed.make_rows(with_torch, (0.0,))
+rows = step_timing.make_rows(with_torch, (0.0,))
 assert rows and all(row.kind != "torch" for row in rows), rows
 update_speed.main(["--help"])
 """
