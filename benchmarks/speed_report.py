@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.hlo_counts import TRANSCENDENTALS, hlo_summary
+from benchmarks.hlo_counts import OPS, hlo_summary
 from benchmarks.param_trees import tree_bytes
 from benchmarks.step_timing import WEIGHT_DECAY, Bench, Row
 
@@ -20,6 +20,36 @@ def fmt_ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}x"
 
 
+def hlo_table(bench: Bench, rows: list[Row], param_bytes: int) -> list[str]:
+  """The markdown lines of the compiled steps' counts (:func:`benchmarks.hlo_counts.hlo_summary`)
+  for the rows that have their HLO: a column per kind of operation found in any of them."""
+  summaries = [(r, hlo_summary(r.hlo)) for r in rows if r.hlo]
+  kinds = [k for k in OPS if any(k in s.instructions for _, s in summaries)]
+  lines = [
+    "Compiled HLO of each JAX step (XLA:CPU), the one timed: kernels launched, bytes they read "
+    "and write (x the parameter bytes), and per kind of elementwise transcendental operation "
+    "(and division) found, the elements it computes per parameter and, in parentheses, its "
+    "instructions in the step, scalar ones included (a bias correction's, for instance).",
+    "",
+    "| " + " | ".join(["optimizer", "weight decay", "kernels", "read", "written", *kinds]) + " |",
+    "|---|---|---|---|---|" + "---|" * len(kinds),
+  ]
+  for r, s in summaries:
+    counts = [
+      f"{s.elements.get(k, 0) / bench.size:.2f} ({s.instructions.get(k, 0)})" for k in kinds
+    ]
+    cells = [
+      r.name,
+      f"{r.weight_decay:g}",
+      str(s.kernels),
+      f"{s.read / param_bytes:.2f}x",
+      f"{s.written / param_bytes:.2f}x",
+      *counts,
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def render(
   benches: list[tuple[Bench, list[Row]]],
   header: dict[str, str],
@@ -27,7 +57,7 @@ def render(
   forms: list[tuple[str, float]],
 ) -> str:
   """The full table: the denominator forms, then per tree the times, the compiled steps' counts
-  and the lines of ``targets_for(bench, rows, medians, floor, param_bytes)``."""
+  (:func:`hlo_table`) and the lines of ``targets_for(bench, rows, medians, floor, param_bytes)``."""
   out = ["# Optimizer update-step speed", ""]
   out += [f"- {k}: {v}" for k, v in header.items()]
   out += [
@@ -75,23 +105,8 @@ def render(
       "steps per row; weight-decay rows are compared with `optax amsgrad + L2` "
       "(`add_decayed_weights` chained before `amsgrad`, the same coupled decay).",
       "",
-      "Compiled HLO of each JAX step (XLA:CPU): kernels launched, bytes they read and write "
-      "(x the parameter bytes), and elementwise transcendental operations per parameter.",
-      "",
-      "| optimizer | weight decay | kernels | read | written | "
-      + " | ".join(TRANSCENDENTALS)
-      + " |",
-      "|---|---|---|---|---|" + "---|" * len(TRANSCENDENTALS),
     ]
-    for r in rows:
-      if not r.hlo:
-        continue
-      s = hlo_summary(r.hlo)
-      per = [f"{s[k] / bench.size:.2f}" for k in TRANSCENDENTALS]
-      out.append(
-        f"| {r.name} | {r.weight_decay:g} | {s['kernels']} | {s['read'] / param_bytes:.2f}x "
-        f"| {s['written'] / param_bytes:.2f}x | " + " | ".join(per) + " |"
-      )
+    out += hlo_table(bench, rows, param_bytes)
     out += ["", "Targets:", ""]
     out += [f"- {line}" for line in targets_for(bench, rows, med, floor, param_bytes)]
     out.append("")
