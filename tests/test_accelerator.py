@@ -15,6 +15,7 @@ from test_cifar10 import synthetic_cifar
 from test_faults import TinyNet
 
 from benchmarks import accelerator, protocols
+from benchmarks.kit import STEPS, UPDATE_ROWS, Kit, Settings, find_data, has_dtype_flag
 from examples import speed
 from examples.cifar10 import __main__ as cifar_main
 from examples.cifar10 import models
@@ -37,7 +38,7 @@ PROTOCOL = protocols.Protocol(
   ),
   variants=(protocols.Variant("sgdm", "sgdm"), protocols.Variant("padam", "padam")),
 )
-SETTINGS = accelerator.Settings(
+SETTINGS = Settings(
   trees=(("small", "two arrays", {"conv/kernel": (3, 3, 2, 4), "conv/bias": (4,)}),),
   protocol=PROTOCOL,
   rounds=1,
@@ -65,7 +66,7 @@ def data(tmp_path, monkeypatch):
   np.savez(folder / "cifar10.npz", **synthetic_cifar(n_train=20, n_test=10))
   for split, repeats in (("train", 40), ("valid", 2), ("test", 2)):
     (folder / "ptb" / f"ptb.{split}.txt").write_text(TEXT * repeats)
-  return accelerator.find_data(str(folder))
+  return find_data(str(folder))
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def trainers(monkeypatch):
     commands.append(list(command))
     module, argv = command[2], command[3:]
     args = (cifar_main if module == "examples.cifar10" else ptb_main).parse_args(argv)
-    assert ("--dtype" in argv) == accelerator.has_dtype_flag()
+    assert ("--dtype" in argv) == has_dtype_flag()
     unit = "images" if module == "examples.cifar10" else "tokens"
     record = {"epoch": 1, "step": 2, "train_seconds": 0.5, f"{unit}_per_second": 640.0}
     workdir = pathlib.Path(args.workdir)
@@ -105,20 +106,20 @@ def read(out, step):
 
 def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, trainers, capsys):
   # No time at all: nothing runs, and the summary says what was not done and why.
-  spent = accelerator.Kit(tmp_path / "spent", SETTINGS, data, budget_seconds=0)
+  spent = Kit(tmp_path / "spent", SETTINGS, data, budget_seconds=0)
   assert accelerator.run_kit(spent) == 0
   assert not trainers
-  statuses = [p["status"] for step in accelerator.STEPS for p in read(spent.out, step)["parts"]]
-  skipped = 0 if accelerator.has_dtype_flag() else 1  # the bfloat16 row, without --dtype
+  statuses = [p["status"] for step in STEPS for p in read(spent.out, step)["parts"]]
+  skipped = 0 if has_dtype_flag() else 1  # the bfloat16 row, without --dtype
   assert statuses.count("not run") == 1 + 3 - skipped + 2 and statuses.count("skipped") == skipped
   summary = (spent.out / "summary.md").read_text()
   assert "Not done:" in summary and "of the budget left, a call to train one epoch takes" in summary
 
-  kit = accelerator.Kit(tmp_path / "out", SETTINGS, data, budget_seconds=600)
+  kit = Kit(tmp_path / "out", SETTINGS, data, budget_seconds=600)
   assert accelerator.run_kit(kit) == 0
   out = kit.out
   (tree,) = read(out, "update-step")["parts"]
-  assert [r["optimizer"] for r in tree["rows"]] == list(accelerator.UPDATE_ROWS)
+  assert [r["optimizer"] for r in tree["rows"]] == list(UPDATE_ROWS)
   for row in tree["rows"]:
     assert row["median_ms"] > 0 and row["gb_per_s"] > 0 and row["of_peak"] is None  # a CPU
   floor = tree["rows"][-1]
@@ -128,11 +129,11 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   rows = {p["key"]: p for p in read(out, "throughput")["parts"]}
   assert rows["cifar10-float32"]["rate"] == rows["ptb-float32"]["rate"] == 640.0
   bf16 = rows["cifar10-bfloat16"]
-  if accelerator.has_dtype_flag():
+  if has_dtype_flag():
     assert bf16["status"] == "done" and "--dtype bfloat16" in bf16["command"]
   else:
     assert bf16["status"] == "skipped" and "--dtype" in bf16["reason"]
-  assert len(trainers) == 2 + accelerator.has_dtype_flag()
+  assert len(trainers) == 2 + has_dtype_flag()
   assert data.given not in (out / "throughput.json").read_text()  # the data folder shown as DATA
 
   record = read(out, "gpu-short")
@@ -146,7 +147,7 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
 
   summary = (out / "summary.md").read_text()
   assert kit.device["device_kind"] in summary and f"jax {kit.device['jax']}" in summary
-  for step in accelerator.STEPS:
+  for step in STEPS:
     assert f"| {step} | done | " in summary
 
   # A rerun skips every finished step; one whose last row was cut short measures that row only.
