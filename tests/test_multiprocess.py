@@ -37,9 +37,11 @@ from examples import metrics
 from examples.cifar10 import models as cifar_models
 from examples.ptb import models as ptb_models
 from examples.training import loop
+from examples.training.steps import Steps
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOLD = "HOLD_AFTER_EPOCH"
+SIGNAL = "SIGTERM_AT_STEP"
 # Ample for a start (imports, compiling) on a busy 2-core machine; a hung run fails, it does not stall.
 TIMEOUT = 300
 TIMING = {
@@ -90,12 +92,32 @@ def _hold_after(epoch: int) -> None:
   loop.train_epoch = held
 
 
+def _signal_at(call: int) -> None:
+  """Makes this process send itself SIGTERM as its ``call``-th train step starts; from then on its
+  steps take 0.1 s more, so that the processes' agreement on where to stop (a fraction of a second
+  on the coordination service) lands inside the run."""
+  train = Steps.train
+  calls = []
+
+  def train_and_signal(self, *args):
+    calls.append(1)
+    if len(calls) == call:
+      os.kill(os.getpid(), signal.SIGTERM)
+    if len(calls) >= call:
+      time.sleep(0.1)
+    return train(self, *args)
+
+  Steps.train = train_and_signal
+
+
 def worker(argv: list[str]) -> int:
   """Runs ``TASK ARGS [--then ARGS]...`` (see the module's docstring); the first failing status."""
   task, *args = argv
   register_models()
   if HOLD in os.environ:
     _hold_after(int(os.environ[HOLD]))
+  if SIGNAL in os.environ:
+    _signal_at(int(os.environ[SIGNAL]))
   if task == "cifar10":
     from examples.cifar10 import __main__ as main
   else:
@@ -127,7 +149,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def worker_env(devices: int, hold: int | None) -> dict[str, str]:
+def worker_env(devices: int, hold: int | None, signal_at: int | None = None) -> dict[str, str]:
   """This process's environment (its compilation cache included) for a worker of ``devices``."""
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
@@ -135,8 +157,11 @@ def worker_env(devices: int, hold: int | None) -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   env.pop(HOLD, None)
+  env.pop(SIGNAL, None)
   if hold is not None:
     env[HOLD] = str(hold)
+  if signal_at is not None:
+    env[SIGNAL] = str(signal_at)
   return env
 
 
@@ -145,7 +170,14 @@ class Run:
   ``folder/NAME-I.log``: one process, or several that share the devices."""
 
   def __init__(
-    self, folder: pathlib.Path, name: str, task: str, args: list[str], processes: int, hold=None
+    self,
+    folder: pathlib.Path,
+    name: str,
+    task: str,
+    args: list[str],
+    processes: int,
+    hold=None,
+    signal_at=None,
   ):
     address = f"127.0.0.1:{free_port()}"
     self.logs = [folder / f"{name}-{i}.log" for i in range(processes)]
@@ -157,7 +189,7 @@ class Run:
           subprocess.Popen(
             [sys.executable, __file__, task, *(launch if processes > 1 else []), *args],
             cwd=ROOT,
-            env=worker_env(DEVICES // processes, hold),
+            env=worker_env(DEVICES // processes, hold, signal_at if i == processes - 1 else None),
             stdout=out,
             stderr=subprocess.STDOUT,
           )
@@ -174,15 +206,15 @@ class Run:
     self.kill()
     pytest.fail(f"{why}\n{self.output()}")
 
-  def wait(self) -> None:
-    """Waits for every process to exit; fails unless each exits with 0."""
+  def wait(self, status: int = 0) -> None:
+    """Waits for every process to exit; fails unless each exits with ``status``."""
     for process in self.processes:
       try:
         process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
         self.fail(f"the run did not finish in {TIMEOUT} s")
     codes = [process.returncode for process in self.processes]
-    if any(codes):
+    if any(code != status for code in codes):
       self.fail(f"exit statuses {codes}")
 
   def wait_for_epochs(self, workdir: pathlib.Path, epochs: int) -> None:
@@ -205,12 +237,13 @@ class Run:
 
 @pytest.fixture
 def launch(tmp_path):
-  """Starts the runs of a test (``launch(name, task, args, processes=2, hold=None)``); kills what
-  is left of them when the test ends."""
+  """Starts the runs of a test (``launch(name, task, args, processes=2, hold=None,
+  signal_at=None)``: ``signal_at`` sends the last process SIGTERM at that step); kills what is left
+  of them when the test ends."""
   runs = []
 
-  def start(name, task, args, processes=2, hold=None):
-    runs.append(Run(tmp_path, name, task, args, processes, hold))
+  def start(name, task, args, processes=2, hold=None, signal_at=None):
+    runs.append(Run(tmp_path, name, task, args, processes, hold, signal_at))
     return runs[-1]
 
   yield start
@@ -287,22 +320,39 @@ def test_cifar10_sharded_and_in_two_processes_killed_and_resumed_as_one(tmp_path
   assert output.count("epoch 2/2:") == 1 and output.count("Resumed") == 1, resumed.output()
 
 
-def test_two_processes_train_ptb_as_one(tmp_path, launch):
+def test_two_processes_train_ptb_as_one_and_stop_together_on_a_signal_to_one(tmp_path, launch):
   from test_ptb import PATTERN, write_corpus
 
-  data = write_corpus(tmp_path / "data", PATTERN * 30, PATTERN * 3, PATTERN * 2)
+  data = write_corpus(tmp_path / "data", PATTERN * 90, PATTERN * 3, PATTERN * 2)
   args = flags(model="small-lstm", optimizer="sgdm", epochs=2, batch_size=8, eval_batch_size=8)
   args += ["--data-dir", str(data), "--no-progress", "--no-xnnpack"]
   one = launch("one", "ptb", [*args, "--workdir", str(tmp_path / "one")], processes=1)
   two = launch("two", "ptb", [*args, "--workdir", str(tmp_path / "two")])
+  # SIGTERM to process 1 alone, at its 4th step: both stop at one step, save, exit with 4.
+  stopped = launch("stopped", "ptb", [*args, "--workdir", str(tmp_path / "stopped")], signal_at=4)
   one.wait()
   two.wait()
+  stopped.wait(status=4)
   differences = max_differences(
     metrics.read_metrics(tmp_path / "two"), metrics.read_metrics(tmp_path / "one")
   )
   print(f"ptb, 2 processes vs 1: {differences}")
   assert max(differences.values()) < 1e-5, differences
   assert metrics.read_run(tmp_path / "two")["mesh"] == {"data": 8, "fsdp": 1}
+
+  output = stopped.output()
+  assert output.count("stopped by a preemption notice at step") == 2 and "--resume" in output, output
+  (checkpoint,) = os.listdir(tmp_path / "stopped" / "checkpoints")
+  steps = metrics.read_metrics(tmp_path / "two")[0]["step"]
+  print(f"stopped after step {checkpoint} (signal at step 4; {steps} steps an epoch)")
+  assert 4 <= int(checkpoint) < 2 * steps, checkpoint
+  resumed = launch("resumed", "ptb", [*args, "--workdir", str(tmp_path / "stopped"), "--resume"])
+  resumed.wait()
+  differences = max_differences(
+    metrics.read_metrics(tmp_path / "stopped"), metrics.read_metrics(tmp_path / "two")
+  )
+  print(f"ptb, 2 processes stopped by a signal and resumed vs uninterrupted: {differences}")
+  assert max(differences.values()) < 1e-6, differences
 
 
 if __name__ == "__main__":

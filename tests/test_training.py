@@ -1,4 +1,4 @@
-"""The shared training loop (examples/training.py) on a toy task that compiles in a second.
+"""The shared training loop (examples/training/) on a toy task that compiles in a second.
 
 The toy task has what the real ones need: BatchNorm statistics and dropout (model state and
 randomness), and a per-epoch carried state threaded through the steps, as an LSTM's is.
@@ -62,10 +62,10 @@ class ToyTask(training.Task):
   def init_carry(self, batch_size):
     return jnp.zeros((batch_size,), jnp.float32)
 
-  def train_batches(self, epoch, rng):
-    self.epochs_started += 1
+  def train_batches(self, epoch, rng, start=0):
+    self.epochs_started += start == 0
     order = np.asarray(jax.random.permutation(rng, self.train_size))
-    for step in range(self.steps_per_epoch):
+    for step in range(start, self.steps_per_epoch):
       index = order[step * self.batch_size : (step + 1) * self.batch_size]
       x = self.x[index]
       if epoch == self.poison_epoch:
