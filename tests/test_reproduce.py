@@ -1,9 +1,7 @@
-"""The reproduction driver: skip finished runs, resume interrupted ones, tables from metrics only,
-no import circle among the benchmark modules."""
+"""The reproduction driver: skip finished runs, resume interrupted ones, tables from metrics only
+(tests/test_layout.py checks the modules for import circles)."""
 
-import ast
 import dataclasses
-import pathlib
 
 import numpy as np
 import pytest
@@ -167,27 +165,3 @@ def test_a_report_of_one_run_is_written(tmp_path, monkeypatch, capsys):
   assert reproduce.main(["tiny", "--report-only", "--results", str(tmp_path)]) == 0
   assert "running or interrupted (1/2 epochs)" in capsys.readouterr().out
   assert (tmp_path / "tiny" / "table.md").is_file()
-
-
-def test_no_benchmark_module_imports_itself_through_others():
-  # Every import counts: at the top, inside a function, or for type checking only.
-  folder = pathlib.Path(protocols.__file__).parent
-  names = {p.stem for p in folder.glob("*.py")}
-  graph = {}
-  for name in names:
-    imported = set()
-    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
-      if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
-        imported |= {alias.name for alias in node.names}
-      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
-        imported.add(node.module.split(".")[1])
-      elif isinstance(node, ast.Import):
-        imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
-    graph[name] = imported & names
-  for start in graph:  # nothing reached from a module leads back to it
-    reached, todo = set(), list(graph[start])
-    while todo:
-      if (name := todo.pop()) not in reached:
-        reached.add(name)
-        todo += graph[name]
-    assert start not in reached, start
