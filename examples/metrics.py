@@ -35,7 +35,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
   Raises:
     FileNotFoundError: if there is no metrics file.
-    ValueError: if a line is not a JSON object; the message names the file and line.
+    ValueError: if a line is not a JSON object, or its epoch repeats or precedes the line before
+      (two runs wrote to one folder); the message names the file and line.
   """
   path = metrics_path(workdir)
   records = []
@@ -49,8 +50,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         raise ValueError(f"{path}:{number} is not valid JSON: {e}") from e
       if not isinstance(record, dict):
         raise ValueError(f"{path}:{number} is not a JSON object")
+      if records and record.get("epoch", 0) <= records[-1].get("epoch", 0):
+        raise ValueError(
+          f"{path}:{number} records epoch {record.get('epoch')} after epoch "
+          f"{records[-1].get('epoch')}: the file mixes runs (two runs wrote to one folder?)"
+        )
       records.append(record)
-  return sorted(records, key=lambda r: r.get("epoch", 0))
+  return records
 
 
 def write_metrics(workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:

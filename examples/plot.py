@@ -120,9 +120,13 @@ def plot(
     raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
   rows = _legend_rows(len(groups))
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4 + 0.3 * rows), layout="constrained")
-  right_key = None
-  for group, label in zip(groups, labels, strict=True):
-    epochs, train, evaluated, test, right_key = _curves([str(w) for w in group])
+  curves = [_curves([str(w) for w in group]) for group in groups]
+  right_keys = {c[-1] for c in curves}
+  if len(right_keys) > 1:
+    kinds = "; ".join(f"{groups[i][0]}: {c[-1]}" for i, c in enumerate(curves))
+    raise ValueError(f"the runs evaluate different things ({kinds}); plot them in separate figures")
+  (right_key,) = right_keys
+  for group, label, (epochs, train, evaluated, test, _) in zip(groups, labels, curves, strict=True):
     panels = ((left, epochs, np.asarray(train)), (right, evaluated, np.asarray(test)))
     for axis, xs, values in panels:
       (line,) = axis.plot(
@@ -198,7 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     print(MISSING_MATPLOTLIB, file=sys.stderr)
     return 1
-  plot(args.workdirs, args.out, args.labels, args.title)
+  try:
+    plot(args.workdirs, args.out, args.labels, args.title)
+  except FileNotFoundError as e:
+    print(f"error: no metrics file: {e.filename} (is the run folder right?)", file=sys.stderr)
+    return 2
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {args.out}")
   return 0
 

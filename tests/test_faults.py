@@ -305,3 +305,30 @@ def test_a_non_finite_stop_exits_with_its_own_status(cifar, capsys, monkeypatch)
   monkeypatch.setattr(training, "train", diverge)
   assert cifar10_main.main(cifar) == cli.EXIT_NON_FINITE == 3
   _one_line_error(capsys, "non-finite")
+
+
+class DivergedEvaluation(ToyTask):
+  """The toy task whose evaluation is NaN while its training loss stays finite (a model trained
+  at a rate so high that it overflows on other data)."""
+
+  def evaluate(self, evaluator):
+    return {k: float("nan") for k in super().evaluate(evaluator)}
+
+
+def test_a_non_finite_evaluation_stops_before_the_epoch_is_recorded(tmp_path):
+  cfg = config(tmp_path, epochs=2, devices=1)
+  with pytest.raises(training.NonFiniteLossError, match="non-finite evaluation after epoch 1") as e:
+    training.train(DivergedEvaluation(), cfg)
+  assert "There is no checkpoint with finite metrics" in str(e.value)
+  assert metrics.read_metrics(cfg.workdir) == []
+  assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
+  cfg = config(tmp_path, epochs=1, devices=1)
+  history = training.train(ToyTask(), cfg)
+  run = (tmp_path / "run" / "run.json").read_text()
+  capsys.readouterr()
+  again = training.train(ToyTask(), dataclasses.replace(cfg, resume=True, learning_rate=0.05))
+  assert "the run has finished (epoch 1 of 1); nothing to do" in capsys.readouterr().err
+  assert again == history and (tmp_path / "run" / "run.json").read_text() == run

@@ -5,6 +5,7 @@ randomness), and a per-epoch carried state threaded through the steps, as an LST
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -275,3 +276,24 @@ def test_plot_draws_seed_groups_as_mean_and_range(tmp_path, monkeypatch):
   assert len(left.collections) == 1
   with pytest.raises(ValueError, match="empty group"):
     plot.plot([[]], str(out))
+
+
+def test_plot_refuses_missing_runs_mixed_runs_and_mixed_kinds_in_one_line(tmp_path, capsys):
+  from examples import plot
+
+  out = str(tmp_path / "curves.png")
+  assert plot.main([str(tmp_path / "missing"), "--out", out]) == 2
+  (tmp_path / "twice").mkdir()
+  # Two runs in one folder: epochs 1, 1, 2, 2.
+  records = [{"epoch": e, "train_loss": 1.0, "test_acc": 0.5} for e in (1, 1, 2, 2)]
+  (tmp_path / "twice" / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in records))
+  assert plot.main([str(tmp_path / "twice"), "--out", out]) == 2
+  for name, key in (("images", "test_acc"), ("words", "test_ppl")):
+    (tmp_path / name).mkdir()
+    metrics.write_metrics(tmp_path / name, [{"epoch": 1, "train_loss": 1.0, key: 0.5}])
+  assert plot.main([str(tmp_path / "images"), str(tmp_path / "words"), "--out", out]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+  assert "missing" in lines[0] and "epoch 1 after epoch 1" in lines[1]
+  assert "test error" in lines[2] and "test perplexity" in lines[2]
+  assert not (tmp_path / "curves.png").exists()

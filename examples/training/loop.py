@@ -373,7 +373,9 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       run = records.restore_or_start(checkpoints, state, root, task, config, carry_like)
       del state  # a restored run replaces it; from here on the run holds the state
       if run.epoch >= settings.last_epoch(config) and not run.step:
-        devices.say(f"{workdir} has finished its {run.epoch} epochs; nothing to do.")
+        devices.say(
+          f"{workdir}: the run has finished (epoch {run.epoch} of {config.epochs}); nothing to do."
+        )
         return run.history
       records.write_run_info(task, config, setup, model.num_params, mesh, run)
       records.clear_stopped(config)
