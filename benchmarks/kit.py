@@ -127,13 +127,6 @@ def tiny_settings() -> Settings:
   )
 
 
-def has_dtype_flag() -> bool:
-  """Whether the trainers take ``--dtype``, i.e. ``examples.training.LoopConfig.dtype`` exists."""
-  from examples import training
-
-  return "dtype" in {f.name for f in dataclasses.fields(training.LoopConfig)}
-
-
 def _version(package: str) -> str:
   try:
     return importlib.metadata.version(package)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import param_trees, protocol_report, protocols, runs, step_timing
-from benchmarks.kit import FLOOR, Kit, has_dtype_flag, kept_parts, step_status
+from benchmarks.kit import FLOOR, Kit, kept_parts, step_status
 from benchmarks.kit_report import (
   gpu_short_markdown,
   throughput_markdown,
@@ -162,11 +162,6 @@ def _throughput_rows(kit: Kit) -> list[ThroughputRow]:
 def _cannot_run(kit: Kit, row: ThroughputRow) -> tuple[str, str]:
   """("skipped" or "not run", why) when ``row`` cannot run on these trainers and data, else
   ("", "")."""
-  if row.dtype != "float32" and not has_dtype_flag():
-    reason = (
-      "the trainers have no --dtype flag yet (examples.training.LoopConfig has no dtype field)"
-    )
-    return "skipped", reason
   if row.task == "cifar10" and kit.data.cifar is None:
     return "not run", kit.shown(kit.data.cifar_error)
   if row.task == "ptb" and kit.data.ptb is None:
@@ -185,7 +180,7 @@ def measure_row(kit: Kit, row: ThroughputRow, timeout: float) -> dict[str, Any]:
   from examples.cifar10 import speed as cifar_speed
   from examples.ptb import speed as ptb_speed
 
-  extra = ("--dtype", row.dtype) if has_dtype_flag() else ()
+  extra = ("--dtype", row.dtype)
   log_path = kit.out / "logs" / f"throughput-{row.key}.log"
   log_path.parent.mkdir(exist_ok=True)
   base = {"key": row.key, "label": row.label, **dataclasses.asdict(row)}

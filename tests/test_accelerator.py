@@ -15,7 +15,7 @@ from test_cifar10 import synthetic_cifar
 from test_faults import TinyNet
 
 from benchmarks import accelerator, protocols
-from benchmarks.kit import STEPS, UPDATE_ROWS, Kit, Settings, find_data, has_dtype_flag
+from benchmarks.kit import STEPS, UPDATE_ROWS, Kit, Settings, find_data
 from examples import speed
 from examples.cifar10 import __main__ as cifar_main
 from examples.cifar10 import models
@@ -78,7 +78,7 @@ def trainers(monkeypatch):
     commands.append(list(command))
     module, argv = command[2], command[3:]
     args = (cifar_main if module == "examples.cifar10" else ptb_main).parse_args(argv)
-    assert ("--dtype" in argv) == has_dtype_flag()
+    assert argv[argv.index("--dtype") + 1] in ("float32", "bfloat16")
     unit = "images" if module == "examples.cifar10" else "tokens"
     record = {"epoch": 1, "step": 2, "train_seconds": 0.5, f"{unit}_per_second": 640.0}
     workdir = pathlib.Path(args.workdir)
@@ -110,8 +110,7 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   assert accelerator.run_kit(spent) == 0
   assert not trainers
   statuses = [p["status"] for step in STEPS for p in read(spent.out, step)["parts"]]
-  skipped = 0 if has_dtype_flag() else 1  # the bfloat16 row, without --dtype
-  assert statuses.count("not run") == 1 + 3 - skipped + 2 and statuses.count("skipped") == skipped
+  assert statuses.count("not run") == 1 + 3 + 2 and statuses.count("skipped") == 0
   summary = (spent.out / "summary.md").read_text()
   assert "Not done:" in summary and "of the budget left, a call to train one epoch takes" in summary
 
@@ -129,11 +128,8 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   rows = {p["key"]: p for p in read(out, "throughput")["parts"]}
   assert rows["cifar10-float32"]["rate"] == rows["ptb-float32"]["rate"] == 640.0
   bf16 = rows["cifar10-bfloat16"]
-  if has_dtype_flag():
-    assert bf16["status"] == "done" and "--dtype bfloat16" in bf16["command"]
-  else:
-    assert bf16["status"] == "skipped" and "--dtype" in bf16["reason"]
-  assert len(trainers) == 2 + has_dtype_flag()
+  assert bf16["status"] == "done" and "--dtype bfloat16" in bf16["command"]
+  assert len(trainers) == 3
   assert data.given not in (out / "throughput.json").read_text()  # the data folder shown as DATA
 
   record = read(out, "gpu-short")
