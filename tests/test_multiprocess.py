@@ -341,7 +341,9 @@ def test_two_processes_train_ptb_as_one_and_stop_together_on_a_signal_to_one(tmp
   assert metrics.read_run(tmp_path / "two")["mesh"] == {"data": 8, "fsdp": 1}
 
   output = stopped.output()
-  assert output.count("stopped by a preemption notice at step") == 2 and "--resume" in output, output
+  assert output.count("stopped by a preemption notice at step") == 2 and "--resume" in output, (
+    output
+  )
   (checkpoint,) = os.listdir(tmp_path / "stopped" / "checkpoints")
   steps = metrics.read_metrics(tmp_path / "two")[0]["step"]
   print(f"stopped after step {checkpoint} (signal at step 4; {steps} steps an epoch)")
