@@ -39,6 +39,7 @@ def scale_by_adabound(
   *,
   amsbound: bool = False,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by AdaBound's clipped per-coordinate step (learning rate included).
 
@@ -73,7 +74,10 @@ def scale_by_adabound(
     eps: added to ``sqrt(v)``; ``>= 0``.
     gamma: convergence speed of the bounds, ``> 0``.
     amsbound: whether to use the running maximum of ``v`` (AMSBound).
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of ``v`` (and AMSBound's ``vhat``) in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`ScaleByAdaboundState`.
@@ -103,12 +107,13 @@ def scale_by_adabound(
     low_open=True,
     description="the bounds are scaled by learning_rate / its initial value",
   )
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _validation.state_dtype("mu_dtype", mu_dtype, real=False)
+  nu_dtype = _validation.state_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params: optax.Params) -> ScaleByAdaboundState:
     return ScaleByAdaboundState(
       count=jnp.zeros([], jnp.int32),
-      **_adam_like.init_moments(params, mu_dtype, running_max=amsbound),
+      **_adam_like.init_moments(params, mu_dtype, nu_dtype, running_max=amsbound),
     )
 
   def update_fn(
@@ -128,7 +133,15 @@ def scale_by_adabound(
     step_size = lr * _common.bias_correction_factor(b1, b2, count_inc)
 
     moments, denominators = _adam_like.update_moments(
-      _adam_like.ADAM, b1, b2, eps, updates, state, running_max=amsbound
+      _adam_like.ADAM,
+      b1,
+      b2,
+      eps,
+      updates,
+      state,
+      running_max=amsbound,
+      wide_mu=mu_dtype is not None,
+      wide_nu=nu_dtype is not None,
     )
 
     def step(m, v):
@@ -139,7 +152,10 @@ def scale_by_adabound(
       return jnp.clip(eta, lower.astype(dtype), upper.astype(dtype)).astype(m.dtype) * m
 
     steps = jax.tree.map(step, moments["mu"], denominators)
-    return steps, ScaleByAdaboundState(count=count_inc, **_adam_like.cast_moments(moments, state))
+    if mu_dtype is not None:  # the moments were float32: the step in the gradients' dtype
+      steps = _common.in_float_dtype_of(steps, updates)
+    moments = _adam_like.cast_moments(moments, state, count_inc)
+    return steps, ScaleByAdaboundState(count=count_inc, **moments)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -156,6 +172,7 @@ def adabound(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   amsbound: bool = False,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""AdaBound (Luo et al., 2019), as in the authors' reference code.
 
@@ -182,7 +199,10 @@ def adabound(
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
     amsbound: whether to use the running maximum of ``v`` (see :func:`amsbound`).
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of ``v`` (and AMSBound's ``vhat``) in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -208,7 +228,15 @@ def adabound(
   return optax.chain(
     _common.add_decayed_weights(weight_decay, mask),
     scale_by_adabound(
-      learning_rate, final_lr, b1, b2, eps, gamma, amsbound=amsbound, mu_dtype=mu_dtype
+      learning_rate,
+      final_lr,
+      b1,
+      b2,
+      eps,
+      gamma,
+      amsbound=amsbound,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
     ),
     optax.scale(-1.0),
   )
@@ -225,6 +253,7 @@ def amsbound(
   *,
   mask: Any | Callable[[optax.Params], Any] | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""AMSBound: :func:`adabound` with the running maximum of the raw second moment.
 
@@ -240,7 +269,10 @@ def amsbound(
     gamma: convergence speed of the bounds.
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of ``v`` (and AMSBound's ``vhat``) in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -269,4 +301,5 @@ def amsbound(
     mask=mask,
     amsbound=True,
     mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
   )

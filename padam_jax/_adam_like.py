@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _common, _validation
+from padam_jax import _common, _rounding, _validation
 from padam_jax._common import ScalarOrSchedule
 
 
@@ -67,15 +67,19 @@ ADAMAX = SecondMoment(
 
 
 def init_moments(
-  params: optax.Params, mu_dtype: jnp.dtype | None, *, running_max: bool
+  params: optax.Params,
+  mu_dtype: jnp.dtype | None,
+  nu_dtype: jnp.dtype | None = None,
+  *,
+  running_max: bool,
 ) -> dict[str, optax.Updates]:
   """Zero moments ``mu``, ``nu`` and, with ``running_max``, ``nu_max`` (real, of ``|g|``)."""
   moments = {
     "mu": _common.zeros_moment(params, mu_dtype),
-    "nu": _common.zeros_moment(params, real=True),
+    "nu": _common.zeros_moment(params, nu_dtype, real=True),
   }
   if running_max:
-    moments["nu_max"] = _common.zeros_moment(params, real=True)
+    moments["nu_max"] = _common.zeros_moment(params, nu_dtype, real=True)
   return moments
 
 
@@ -88,13 +92,23 @@ def update_moments(
   state: Any,
   *,
   running_max: bool,
+  wide_mu: bool = False,
+  wide_nu: bool = False,
 ) -> tuple[dict[str, optax.Updates], optax.Updates]:
   """The new moments (in the gradients' dtype) and the statistic the step divides by.
 
-  The running maximum is of the raw ``v``, not of a bias-corrected one.
+  With ``wide_mu`` (``wide_nu``) the first (second) moment is computed in float32 or wider
+  whatever the dtypes of the gradients and of the state (set when ``mu_dtype``, ``nu_dtype``
+  is given). The running maximum is of the raw ``v``, not of a bias-corrected one.
   """
-  mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), updates, state.mu)
-  nu = jax.tree.map(lambda g, v: rule.update(b2, eps, g, v), updates, state.nu)
+  g_mu = jax.tree.map(_rounding.at_least_float32, updates) if wide_mu else updates
+  mu = jax.tree.map(lambda g, m: _common.ema(b1, g, m, 1), g_mu, state.mu)
+  if wide_nu:
+    g_nu = jax.tree.map(_rounding.at_least_float32, updates)
+    old = jax.tree.map(lambda g, v: v.astype(_common.real_dtype(g.dtype)), g_nu, state.nu)
+  else:
+    g_nu, old = updates, state.nu
+  nu = jax.tree.map(lambda g, v: rule.update(b2, eps, g, v), g_nu, old)
   moments = {"mu": mu, "nu": nu}
   if not running_max:
     return moments, nu
@@ -103,10 +117,19 @@ def update_moments(
   return moments, nu_max
 
 
-def cast_moments(moments: dict[str, optax.Updates], state: Any) -> dict[str, optax.Updates]:
-  """``moments`` cast to the dtypes of the same fields of ``state`` (``mu_dtype``)."""
+# The random streams of the moments' stochastic rounding (:func:`padam_jax._rounding.store_tree`).
+# ``nu`` and ``nu_max`` share theirs: rounded with the same variate, ``v <= vhat`` stays true.
+_STREAMS = {"mu": 1, "nu": 2, "nu_max": 2}
+
+
+def cast_moments(
+  moments: dict[str, optax.Updates], state: Any, count: jax.Array
+) -> dict[str, optax.Updates]:
+  """``moments`` in the dtypes of the same fields of ``state`` (``mu_dtype``, ``nu_dtype``),
+  rounded stochastically (at step ``count``) into those narrower than float32."""
   return {
-    name: optax.tree.cast_like(value, getattr(state, name)) for name, value in moments.items()
+    name: _rounding.store_tree(value, getattr(state, name), count, _STREAMS[name])
+    for name, value in moments.items()
   }
 
 
@@ -121,6 +144,7 @@ def scale_by_partial_moments(
   running_max: bool,
   bias_correction: bool,
   mu_dtype: jax.typing.DTypeLike | None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """``u_t = c_t m_t / d(v_t)^(2p)`` for an Adam-like ``rule``.
 
@@ -135,6 +159,7 @@ def scale_by_partial_moments(
     running_max: whether the step divides by the running maximum of ``v`` (AMSGrad).
     bias_correction: whether to multiply by the rule's ``c_t``.
     mu_dtype: optional dtype of the first moment in the state.
+    nu_dtype: optional dtype of ``nu`` (and ``nu_max``) in the state.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``state_type``.
@@ -142,12 +167,13 @@ def scale_by_partial_moments(
   _validation.check_partial_power(p)
   _validation.check_betas(b1, b2)
   _validation.check_interval("eps", eps, 0.0)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _validation.state_dtype("mu_dtype", mu_dtype, real=False)
+  nu_dtype = _validation.state_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params: optax.Params) -> Any:
     return state_type(
       count=jnp.zeros([], jnp.int32),
-      **init_moments(params, mu_dtype, running_max=running_max),
+      **init_moments(params, mu_dtype, nu_dtype, running_max=running_max),
     )
 
   def update_fn(
@@ -157,7 +183,17 @@ def scale_by_partial_moments(
     count_inc = optax.safe_increment(state.count)
     two_p = _common.partial_exponent(p, state.count)
     scale = rule.correction(b1, b2, count_inc) if bias_correction else None
-    moments, statistic = update_moments(rule, b1, b2, eps, updates, state, running_max=running_max)
+    moments, statistic = update_moments(
+      rule,
+      b1,
+      b2,
+      eps,
+      updates,
+      state,
+      running_max=running_max,
+      wide_mu=mu_dtype is not None,
+      wide_nu=nu_dtype is not None,
+    )
 
     def step(m, v):
       # d = 0 only where every gradient was 0, so m = 0 too: no step there. The guard
@@ -167,6 +203,8 @@ def scale_by_partial_moments(
       return out if scale is None else scale.astype(out.dtype) * out
 
     steps = jax.tree.map(step, moments["mu"], statistic)
-    return steps, state_type(count=count_inc, **cast_moments(moments, state))
+    if mu_dtype is not None:  # the moments were float32: the step in the gradients' dtype
+      steps = _common.in_float_dtype_of(steps, updates)
+    return steps, state_type(count=count_inc, **cast_moments(moments, state, count_inc))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from padam_jax import _power, _validation
+from padam_jax import _power, _rounding, _validation
 
 ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
 
@@ -78,6 +78,11 @@ def float_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.inexact):
     return dtype
   return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float_))
+
+
+def in_float_dtype_of(steps: optax.Updates, updates: optax.Updates) -> optax.Updates:
+  """``steps`` cast to the :func:`float_dtype` of the gradients ``updates``."""
+  return jax.tree.map(lambda u, g: u.astype(float_dtype(g.dtype)), steps, updates)
 
 
 def real_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -202,12 +207,19 @@ def coupled_l2(
   )
 
 
+def widen(stored: jax.Array, g: jax.Array, state_dtype: jax.typing.DTypeLike | None) -> jax.Array:
+  """A stored second-moment statistic in the real dtype of the (widened) gradient ``g`` when
+  the state has a dtype of its own (``nu_dtype``), else as stored."""
+  return stored if state_dtype is None else stored.astype(real_dtype(g.dtype))
+
+
 def scale_by_partial_accumulator(
   state_type: type[NamedTuple],
   p: ScalarOrSchedule,
   eps: jax.typing.ArrayLike,
   initial_value: jax.typing.ArrayLike,
   accumulate: Callable[[jax.Array, jax.Array], jax.Array],
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """``u_t = g_t / (sqrt(s_t) + eps)^(2p)`` for a running accumulator ``s_t`` of squares.
 
@@ -219,14 +231,17 @@ def scale_by_partial_accumulator(
     eps: added to ``sqrt(s)`` before the power, ``>= 0``.
     initial_value: ``s_0 >= 0``.
     accumulate: ``(g, s_{t-1}) -> s_t``.
+    nu_dtype: optional dtype of the accumulator in the state; it is then updated in float32
+      (or the gradients' dtype if wider) and rounded stochastically into a narrower dtype.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``state_type``.
   """
+  nu_dtype = _validation.state_dtype("nu_dtype", nu_dtype)
 
   def init_fn(params: optax.Params) -> NamedTuple:
     initial = jax.tree.map(
-      lambda x: jnp.full_like(x, initial_value, dtype=real_dtype(x.dtype)), params
+      lambda x: jnp.full_like(x, initial_value, dtype=nu_dtype or real_dtype(x.dtype)), params
     )
     return state_type(jnp.zeros([], jnp.int32), initial)
 
@@ -234,9 +249,10 @@ def scale_by_partial_accumulator(
     updates: optax.Updates, state: NamedTuple, params: optax.Params | None = None
   ) -> tuple[optax.Updates, NamedTuple]:
     del params
-    count, accumulator = state
+    count, stored = state
     exponent = partial_exponent(p, count)
-    accumulator = jax.tree.map(accumulate, updates, accumulator)
+    grads = updates if nu_dtype is None else jax.tree.map(_rounding.at_least_float32, updates)
+    accumulator = jax.tree.map(lambda g, s: accumulate(g, widen(s, g, nu_dtype)), grads, stored)
 
     def step(g, s):
       denom = jnp.sqrt(s) + jnp.asarray(eps, s.dtype)
@@ -246,6 +262,9 @@ def scale_by_partial_accumulator(
       return partial_divide(like_moment(g, s.dtype), denom, exponent, guard_zero=guard_zero)
 
     steps = jax.tree.map(step, updates, accumulator)
-    return steps, state_type(optax.safe_increment(count), accumulator)
+    if nu_dtype is not None:  # the accumulator was float32: the step in the gradients' dtype
+      steps = in_float_dtype_of(steps, updates)
+    count_inc = optax.safe_increment(count)
+    return steps, state_type(count_inc, _rounding.store_tree(accumulator, stored, count_inc, 3))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -36,6 +36,7 @@ def scale_by_partial_amsgrad(
   *,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Padam's partially adaptive AMSGrad rule.
 
@@ -78,7 +79,13 @@ def scale_by_partial_amsgrad(
     eps: added to ``sqrt(vhat)`` before the power; ``>= 0``.
     bias_correction: whether to multiply by ``sqrt(1 - b2^t) / (1 - b1^t)``.
     mu_dtype: optional dtype of the first moment in the state (e.g.
-      ``jnp.bfloat16``); the arithmetic is done in the gradients' dtype.
+      ``jnp.bfloat16``). The moments are then computed in float32 (or in the
+      gradients' dtype if wider) and rounded stochastically into a dtype
+      narrower than float32, so that the stored value is right in expectation.
+    nu_dtype: optional dtype of the second moment ``v`` and of ``vhat`` in the
+      state, handled as ``mu_dtype`` is. With ``b2 = 0.999``, ``v`` moves by
+      0.1% of its gap per step, below bfloat16's resolution: rounded to
+      nearest it would stop moving.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -111,6 +118,7 @@ def scale_by_partial_amsgrad(
     running_max=True,
     bias_correction=bias_correction,
     mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
   )
 
 
@@ -125,6 +133,7 @@ def padam(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Padam, the partially adaptive momentum estimation method.
 
@@ -155,7 +164,10 @@ def padam(
       pytree of bools with the parameters' structure, or a callable returning one.
       ``update`` needs ``params`` only when ``weight_decay`` is not 0.
     bias_correction: Adam's bias correction (on, as in the reference code).
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of ``v`` and ``vhat`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -183,7 +195,9 @@ def padam(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
   """
   return _common.coupled_l2(
-    scale_by_partial_amsgrad(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    scale_by_partial_amsgrad(
+      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    ),
     learning_rate,
     weight_decay,
     mask,

@@ -23,6 +23,7 @@ def padamw(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Padam with decoupled, learning-rate-scaled weight decay.
 
@@ -50,7 +51,10 @@ def padamw(
       rate, as in ``optax.adamw``), a number or a schedule.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
     bias_correction: Adam's bias correction.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of ``v`` and ``vhat`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -76,7 +80,7 @@ def padamw(
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   return optax.chain(
     _padam.scale_by_partial_amsgrad(
-      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype
+      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     ),
     _common.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),

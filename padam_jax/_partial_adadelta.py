@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from padam_jax import _common, _validation
+from padam_jax import _common, _rounding, _validation
 from padam_jax._common import ScalarOrSchedule
 
 
@@ -31,6 +31,8 @@ def scale_by_partial_adadelta(
   p: ScalarOrSchedule = 0.125,
   rho: jax.typing.ArrayLike = 0.9,
   eps: jax.typing.ArrayLike = 1e-6,
+  *,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adadelta's ratio of root mean squares to a partial power.
 
@@ -54,6 +56,8 @@ def scale_by_partial_adadelta(
     p: partially adaptive exponent in ``[0, 1/2]``, a number or a schedule.
     rho: decay rate of both averages, in ``[0, 1)``.
     eps: added inside both roots; ``> 0`` (the first numerator is ``sqrt(eps)``).
+    nu_dtype: optional dtype of both averages in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -81,11 +85,13 @@ def scale_by_partial_adadelta(
     "eps", eps, 0.0, low_open=True, description="Adadelta's first step is sqrt(eps) * ..."
   )
 
+  nu_dtype = _validation.state_dtype("nu_dtype", nu_dtype)
+
   def init_fn(params: optax.Params) -> ScaleByPartialAdadeltaState:
     return ScaleByPartialAdadeltaState(
       count=jnp.zeros([], jnp.int32),
-      e_g=_common.zeros_moment(params, real=True),
-      e_x=_common.zeros_moment(params, real=True),
+      e_g=_common.zeros_moment(params, nu_dtype, real=True),
+      e_x=_common.zeros_moment(params, nu_dtype, real=True),
     )
 
   def update_fn(
@@ -95,7 +101,9 @@ def scale_by_partial_adadelta(
   ) -> tuple[optax.Updates, ScaleByPartialAdadeltaState]:
     del params
     two_p = _common.partial_exponent(p, state.count)
-    e_g = jax.tree.map(lambda g, s: _common.ema(rho, g, s, 2), updates, state.e_g)
+    grads = updates if nu_dtype is None else jax.tree.map(_rounding.at_least_float32, updates)
+    e_g = jax.tree.map(lambda g, s: _common.ema(rho, g, s, 2), grads, state.e_g)
+    prev_e_x = jax.tree.map(lambda g, s: _common.widen(s, g, nu_dtype), grads, state.e_x)
 
     def step(g, cur_e_g, prev_e_x):
       e = jnp.asarray(eps, cur_e_g.dtype)
@@ -104,11 +112,14 @@ def scale_by_partial_adadelta(
         _common.like_moment(g, cur_e_g.dtype), ratio, two_p, guard_zero=False
       )
 
-    steps = jax.tree.map(step, updates, e_g, state.e_x)
-    e_x = jax.tree.map(lambda u, s: _common.ema(rho, u, s, 2), steps, state.e_x)
-    return steps, ScaleByPartialAdadeltaState(
-      count=optax.safe_increment(state.count), e_g=e_g, e_x=e_x
-    )
+    steps = jax.tree.map(step, grads, e_g, prev_e_x)
+    e_x = jax.tree.map(lambda u, s: _common.ema(rho, u, s, 2), steps, prev_e_x)
+    count = optax.safe_increment(state.count)
+    if nu_dtype is not None:  # float32 averages: the step in the gradients' dtype, the state narrow
+      steps = _common.in_float_dtype_of(steps, updates)
+      e_g = _rounding.store_tree(e_g, state.e_g, count, 4)
+      e_x = _rounding.store_tree(e_x, state.e_x, count, 5)
+    return steps, ScaleByPartialAdadeltaState(count=count, e_g=e_g, e_x=e_x)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -121,6 +132,7 @@ def partial_adadelta(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   mask: Any | Callable[[optax.Params], Any] | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adadelta.
 
@@ -136,6 +148,8 @@ def partial_adadelta(
     eps: added inside both roots, ``> 0``.
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
+    nu_dtype: optional dtype of both averages in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -158,7 +172,7 @@ def partial_adadelta(
     <https://arxiv.org/abs/1212.5701>`_, 2012.
   """
   return _common.coupled_l2(
-    scale_by_partial_adadelta(p, rho, eps),
+    scale_by_partial_adadelta(p, rho, eps, nu_dtype=nu_dtype),
     learning_rate,
     weight_decay,
     mask,

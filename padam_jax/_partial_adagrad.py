@@ -28,6 +28,8 @@ def scale_by_partial_rss(
   p: ScalarOrSchedule = 0.125,
   initial_accumulator_value: jax.typing.ArrayLike = 0.0,
   eps: jax.typing.ArrayLike = 1e-10,
+  *,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root of the sum of squared gradients to a partial power.
 
@@ -45,6 +47,8 @@ def scale_by_partial_rss(
     p: partially adaptive exponent in ``[0, 1/2]``, a number or a schedule.
     initial_accumulator_value: ``G_0 >= 0``.
     eps: added to ``sqrt(G)`` before the power; ``>= 0``.
+    nu_dtype: optional dtype of the sum of squares ``G`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -70,7 +74,7 @@ def scale_by_partial_rss(
   _validation.check_interval("initial_accumulator_value", initial_accumulator_value, 0.0)
   _validation.check_interval("eps", eps, 0.0)
   return _common.scale_by_partial_accumulator(
-    ScaleByPartialRssState, p, eps, initial_accumulator_value, _sum_of_squares
+    ScaleByPartialRssState, p, eps, initial_accumulator_value, _sum_of_squares, nu_dtype
   )
 
 
@@ -86,6 +90,7 @@ def partial_adagrad(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   mask: Any | Callable[[optax.Params], Any] | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adagrad.
 
@@ -107,6 +112,8 @@ def partial_adagrad(
     eps: added to ``sqrt(G)`` before the power.
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
+    nu_dtype: optional dtype of the sum of squares in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -129,7 +136,7 @@ def partial_adagrad(
     Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, JMLR 2011.
   """
   return _common.coupled_l2(
-    scale_by_partial_rss(p, initial_accumulator_value, eps),
+    scale_by_partial_rss(p, initial_accumulator_value, eps, nu_dtype=nu_dtype),
     learning_rate,
     weight_decay,
     mask,

@@ -34,6 +34,7 @@ def scale_by_partial_adam(
   *,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's rule with the denominator to a partial power.
 
@@ -59,7 +60,10 @@ def scale_by_partial_adam(
     b2: decay rate of the second moment, in ``[0, 1)``.
     eps: added to ``sqrt(v)`` before the power; ``>= 0``.
     bias_correction: whether to multiply by ``sqrt(1 - b2^t) / (1 - b1^t)``.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of the second moment ``v`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -89,6 +93,7 @@ def scale_by_partial_adam(
     running_max=False,
     bias_correction=bias_correction,
     mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
   )
 
 
@@ -103,6 +108,7 @@ def partial_adam(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive Adam: Padam without the AMSGrad maximum.
 
@@ -125,7 +131,10 @@ def partial_adam(
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
     bias_correction: Adam's bias correction.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of the second moment ``v`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -150,7 +159,9 @@ def partial_adam(
     <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020.
   """
   return _common.coupled_l2(
-    scale_by_partial_adam(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    scale_by_partial_adam(
+      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    ),
     learning_rate,
     weight_decay,
     mask,

@@ -34,6 +34,7 @@ def scale_by_partial_adamax(
   *,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by AdaMax's rule with the infinity norm to a partial power.
 
@@ -56,7 +57,10 @@ def scale_by_partial_adamax(
     b2: decay rate of the infinity norm, in ``[0, 1)``.
     eps: added to ``|g|`` inside the maximum; ``>= 0``.
     bias_correction: whether to divide by ``1 - b1^t``.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of the infinity norm ``u`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -88,6 +92,7 @@ def scale_by_partial_adamax(
     running_max=False,
     bias_correction=bias_correction,
     mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
   )
 
 
@@ -102,6 +107,7 @@ def partial_adamax(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   bias_correction: bool = True,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive AdaMax.
 
@@ -124,7 +130,10 @@ def partial_adamax(
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
     bias_correction: AdaMax's bias correction of the first moment.
-    mu_dtype: optional dtype of the first moment in the state.
+    mu_dtype: optional dtype of the first moment in the state (rounded
+      stochastically when narrower than float32).
+    nu_dtype: optional dtype of the infinity norm ``u`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -147,7 +156,9 @@ def partial_adamax(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Section 7.1, AdaMax).
   """
   return _common.coupled_l2(
-    scale_by_partial_adamax(p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype),
+    scale_by_partial_adamax(
+      p, b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    ),
     learning_rate,
     weight_decay,
     mask,

@@ -29,6 +29,8 @@ def scale_by_partial_rms(
   decay: jax.typing.ArrayLike = 0.9,
   eps: jax.typing.ArrayLike = 1e-8,
   initial_scale: jax.typing.ArrayLike = 0.0,
+  *,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root mean square of past gradients to a partial power.
 
@@ -47,6 +49,8 @@ def scale_by_partial_rms(
     decay: decay rate ``rho`` of the squared-gradient average, in ``[0, 1)``.
     eps: added to ``sqrt(v)`` before the power; ``>= 0``.
     initial_scale: initial value of ``v``; ``>= 0``.
+    nu_dtype: optional dtype of ``v`` in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -78,6 +82,7 @@ def scale_by_partial_rms(
     eps,
     initial_scale,
     lambda g, v: _common.ema(decay, g, v, 2),
+    nu_dtype,
   )
 
 
@@ -92,6 +97,7 @@ def partial_rmsprop(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   mask: Any | Callable[[optax.Params], Any] | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Partially adaptive RMSprop.
 
@@ -119,6 +125,8 @@ def partial_rmsprop(
     nesterov: whether the momentum is Nesterov's.
     weight_decay: coupled L2 weight decay, ``>= 0``.
     mask: which parameters weight decay applies to, as in ``optax.adamw``.
+    nu_dtype: optional dtype of the squared-gradient average in the state (rounded
+      stochastically when narrower than float32).
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.
@@ -149,7 +157,7 @@ def partial_rmsprop(
     _validation.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
   return optax.chain(
     _common.add_decayed_weights(weight_decay, mask),
-    scale_by_partial_rms(p, decay, eps, initial_scale),
+    scale_by_partial_rms(p, decay, eps, initial_scale, nu_dtype=nu_dtype),
     optax.trace(momentum, nesterov) if momentum is not None else optax.identity(),
     optax.scale_by_learning_rate(learning_rate),
   )

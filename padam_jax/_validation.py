@@ -108,3 +108,22 @@ def check_partial_power(p: Any) -> None:
     0.5,
     description="p=1/2 is the fully adaptive method, p=0 is momentum SGD",
   )
+
+
+def state_dtype(name: str, value: Any, *, real: bool = True) -> jnp.dtype | None:
+  """The dtype a state field is kept in, ``None`` for the default (the parameters' dtype).
+
+  Raises:
+    TypeError: ``value`` names no dtype, or one that is not floating (``real``) or inexact.
+  """
+  if value is None:
+    return None
+  what = "floating-point" if real else "floating-point or complex"
+  message = f"{name} must be a {what} dtype or None, got {value!r}"
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise TypeError(message) from None
+  if not jnp.issubdtype(dtype, jnp.floating if real else jnp.inexact):
+    raise TypeError(message)
+  return dtype
