@@ -153,19 +153,6 @@ def render_rows(benches: list[tuple[Bench, list[Row]]], header: dict[str, str]) 
   return "\n".join(out)
 
 
-def choose_rows(rows: list[Row], names: list[str] | None) -> list[Row]:
-  """The default rows, or those named (at weight decay 0 where a name has both), in that order."""
-  if not names:
-    return [r for r in rows if not r.extra]
-  chosen = []
-  for name in names:
-    matches = sorted((r for r in rows if r.name == name), key=lambda r: r.weight_decay != 0)
-    if not matches:
-      raise SystemExit(f"no row named {name!r}; rows: {sorted({r.name for r in rows})}")
-    chosen.append(matches[0])
-  return chosen
-
-
 def targets(bench: Bench, rows: list[Row], med, floor: float, param_bytes: int) -> list[str]:
   del bench
   padam, traced = med[("padam p=1/8", 0.0)], med[("padam p traced", 0.0)]
