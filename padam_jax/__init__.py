@@ -23,11 +23,16 @@ from padam_jax._partial_adamax import scale_by_partial_adamax as scale_by_partia
 from padam_jax._partial_rmsprop import ScaleByPartialRmsState as ScaleByPartialRmsState
 from padam_jax._partial_rmsprop import partial_rmsprop as partial_rmsprop
 from padam_jax._partial_rmsprop import scale_by_partial_rms as scale_by_partial_rms
+from padam_jax._quantized import QuantizedArray as QuantizedArray
+from padam_jax._quantized import QuantizedState as QuantizedState
+from padam_jax._quantized import with_quantized_state as with_quantized_state
 from padam_jax._schedules import anneal_p as anneal_p
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "QuantizedArray",
+  "QuantizedState",
   "ScaleByAdaboundState",
   "ScaleByPartialAdadeltaState",
   "ScaleByPartialAdamState",

@@ -1,0 +1,204 @@
+"""``with_quantized_state``: the codes against a NumPy reference, unbiased rounding, around
+``optax.adam`` and Padam, inside ``optax.inject_hyperparams``, under ``jit`` and sharded."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+import padam_jax
+from padam_jax import _quantized, _rounding
+
+# --- An independent NumPy reference of one block's code ------------------------------------------
+
+
+def e5m3_values() -> np.ndarray:
+  """The unsigned code's 256 values: ``c < 8`` subnormal ``c * 2**-33``, else
+  ``2**((c >> 3) - 31) * (1 + (c & 7) / 8)``."""
+  c = np.arange(256)
+  normal = 2.0 ** ((c >> 3) - 31) * (1 + (c & 7) / 8)
+  return np.where(c < 8, c * 2.0**-33, normal)
+
+
+def e4m3_values() -> np.ndarray:
+  return np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+def reference_encode(block: np.ndarray) -> tuple[np.ndarray, int]:
+  """Codes (rounded to nearest) and header of one block: scale ``2**E``, the least ``E`` with the
+  largest magnitude at most the code's largest value (1.875 unsigned, 448 signed)."""
+  unsigned = bool(np.all(block >= 0))
+  top = 1.875 if unsigned else 448.0
+  exponent = math.ceil(math.log2(np.max(np.abs(block)) / top))
+  y = block.astype(np.float64) / 2.0**exponent
+  if unsigned:
+    codes = np.argmin(np.abs(y[:, None] - e5m3_values()[None, :]), axis=1).astype(np.uint8)
+  else:
+    codes = y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+  return codes, 2 * exponent + unsigned
+
+
+def test_every_code_decodes_to_its_reference_value():
+  codes = jnp.arange(256, dtype=jnp.uint8).reshape(1, 256)
+  for header, values in ((1, e5m3_values()), (6, 8 * e4m3_values())):  # 2^0 unsigned, 2^3 signed
+    decoded = np.asarray(_quantized.decode(codes, jnp.array([[header]], jnp.int8)), np.float64)
+    finite = np.isfinite(values)
+    np.testing.assert_array_equal(decoded[0, finite], values[finite])
+    assert np.all(np.isnan(decoded[0, ~finite]))
+
+
+def test_blocks_encode_as_the_numpy_reference():
+  rng = np.random.default_rng(0)
+  magnitudes = np.exp(rng.uniform(-12.0, 3.0, (6, 32)))
+  signs = np.where(rng.random((6, 32)) < 0.5, -1.0, 1.0)
+  x = np.concatenate([magnitudes[:3], signs[3:] * magnitudes[3:]]).astype(np.float32)
+  x[1, :16] *= 1e-9  # a block far below the others
+  nearest = jnp.full(x.shape, 2**31, jnp.uint32)  # rounds to nearest
+  codes, header = jax.jit(_quantized.encode, static_argnums=1)(jnp.asarray(x), 16, nearest)
+  for row in range(6):
+    for block in range(2):
+      part = x[row, 16 * block : 16 * (block + 1)]
+      want_codes, want_header = reference_encode(part)
+      np.testing.assert_array_equal(
+        np.asarray(codes[row, 16 * block : 16 * (block + 1)]), want_codes
+      )
+      assert int(header[row, block]) == want_header
+  # Round trip: within half a step of 3 mantissa bits, relative (2**-4), above the subnormals.
+  decoded = np.asarray(_quantized.decode(codes, header))
+  big = np.abs(x) > 2.0**-13 * np.abs(x).reshape(6, 2, 16).max(-1).repeat(16, axis=1)
+  assert np.all(np.abs(decoded - x)[big] <= 2.0**-4 * np.abs(x)[big])
+
+
+def test_stochastic_quantization_is_unbiased():
+  # Each row is its own draw of the same block: values between codes, a signed and an unsigned one.
+  rows = 4096
+  signed = np.array([1.3, -0.7, 0.011, 5.0e-3, -3.3, 2.2, 0.9, -5.3], np.float32)
+  x = np.tile(np.concatenate([signed, np.abs(signed)]), (rows, 1))
+  roundtrip = jax.jit(
+    lambda x: _quantized.decode(*_quantized.encode(x, 8, _rounding.random_bits(x, 5, 0)))
+  )
+  decoded = np.asarray(roundtrip(jnp.asarray(x)), np.float64)
+  spread = decoded.std(0) / np.sqrt(rows)
+  assert np.all(np.abs(decoded.mean(0) - x[0]) < 4 * spread + 1e-12), (decoded.mean(0), x[0])
+  assert np.all(decoded.std(0)[np.abs(x[0]) > 0] > 0)  # rounded both ways
+
+
+# --- The wrapper ------------------------------------------------------------------------------
+
+
+def params_and_grads(n=64):
+  params = {"w": jnp.linspace(-1.0, 1.0, 8 * n).reshape(8, n), "b": jnp.linspace(0.0, 1.0, 16)}
+  grads = jax.tree.map(lambda x: 1e-2 * (jnp.cos(5.0 * x) + 0.2 * x), params)
+  return params, grads
+
+
+def run(tx, params, grads, steps=5):
+  """The last updates and the state after ``steps`` updates with the gradients ``t * grads``."""
+
+  def step(state, t):
+    updates, state = tx.update(jax.tree.map(lambda g: t * g, grads), state, params)
+    return state, updates
+
+  state, updates = jax.lax.scan(step, tx.init(params), jnp.arange(1.0, steps + 1))
+  return jax.tree.map(lambda u: u[-1], updates), state
+
+
+def quantized(state) -> list[padam_jax.QuantizedArray]:
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, padam_jax.QuantizedArray))
+  return [x for x in leaves if isinstance(x, padam_jax.QuantizedArray)]
+
+
+@pytest.mark.standard_promotion  # optax.adam's bias correction raises a float to an int32 power
+def test_wraps_optax_adam_and_padam_and_follows_their_float32_updates():
+  params, grads = params_and_grads()
+  for make, count in ((lambda: optax.adam(1e-2), 2), (lambda: padam_jax.padam(0.1), 3)):
+    small = padam_jax.with_quantized_state(make(), block_size=16, min_size=256)
+    (updates, state), (full, _) = jax.jit(
+      lambda params, grads, small=small, make=make: [
+        run(small, params, grads),
+        run(make(), params, grads),
+      ]
+    )(params, grads)
+    assert isinstance(state, padam_jax.QuantizedState) and int(state.count) == 5
+    arrays = quantized(state)
+    assert len(arrays) == count  # the moments of w; b's (16 elements) stay float32
+    for x in arrays:
+      assert (x.codes.dtype, x.codes.shape, x.header.dtype, x.header.shape) == (
+        jnp.uint8,
+        (8, 64),
+        jnp.int8,
+        (8, 4),
+      )
+    np.testing.assert_allclose(updates["b"], full["b"], rtol=1e-6)  # not quantized
+    error = np.linalg.norm(updates["w"] - full["w"]) / np.linalg.norm(full["w"])
+    assert error < 0.1, error
+
+
+def test_inside_inject_hyperparams():
+  params, grads = params_and_grads()
+  outer = optax.inject_hyperparams(
+    lambda learning_rate: padam_jax.with_quantized_state(
+      padam_jax.padam(learning_rate), min_size=256
+    )
+  )(learning_rate=0.1)
+  inner = padam_jax.with_quantized_state(
+    optax.inject_hyperparams(padam_jax.padam)(learning_rate=0.1), min_size=256
+  )
+  plain = padam_jax.padam(0.1)
+
+  def first_updates(params, grads):
+    state = outer.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    return [
+      outer.update(grads, state, params),
+      inner.update(grads, inner.init(params), params),
+      plain.update(grads, plain.init(params), params)[0],
+    ]
+
+  (zero, state_outer), (updates, state_inner), expected = jax.jit(first_updates)(params, grads)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(zero))
+  assert len(quantized(state_outer)) == 3 and len(quantized(state_inner)) == 3
+  assert state_inner.inner_state.hyperparams["learning_rate"].dtype == jnp.float32
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5), updates, expected)
+
+
+def test_sharded_state_follows_the_parameters_and_has_the_same_bits():
+  tx = padam_jax.with_quantized_state(padam_jax.padam(0.1), min_size=256)
+  params, grads = params_and_grads()
+  step = jax.jit(functools.partial(run, tx, steps=2))
+  reference = step(params, grads)
+  for axis_type, spec in (
+    (AxisType.Auto, PartitionSpec("fsdp", None)),
+    (AxisType.Explicit, PartitionSpec(None, "fsdp")),  # blocks of 16 of the 16 columns a device has
+  ):
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+      sharding = {"w": NamedSharding(mesh, spec), "b": NamedSharding(mesh, PartitionSpec())}
+      sharded_params = jax.device_put(params, sharding)
+      updates, state = step(sharded_params, jax.device_put(grads, sharding))
+      states = [state, tx.init(sharded_params)] if axis_type == AxisType.Explicit else [state]
+    # The same codes; float32 arithmetic elsewhere may differ by an ulp between programs.
+    for x, y in zip(quantized(state), quantized(reference[1]), strict=True):
+      np.testing.assert_array_equal(x.codes, y.codes)
+      np.testing.assert_array_equal(x.header, y.header)
+    np.testing.assert_array_equal(updates["w"], reference[0]["w"])
+    np.testing.assert_allclose(updates["b"], reference[0]["b"], rtol=1e-6)
+    for state in states:
+      for x in quantized(state):
+        assert x.codes.sharding.is_equivalent_to(sharding["w"], 2), (spec, x.codes.sharding)
+        assert x.header.sharding.is_equivalent_to(sharding["w"], 2), (spec, x.header.sharding)
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(ValueError, match="bits must be 8"):
+    padam_jax.with_quantized_state(optax.adam(1e-3), bits=4)
+  with pytest.raises(ValueError, match="block_size must be a positive int"):
+    padam_jax.with_quantized_state(optax.adam(1e-3), block_size=0)
+  with pytest.raises(ValueError, match="min_size must be an int >= 0"):
+    padam_jax.with_quantized_state(optax.adam(1e-3), min_size=-1)
