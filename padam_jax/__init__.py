@@ -58,4 +58,5 @@ __all__ = [
   "scale_by_partial_amsgrad",
   "scale_by_partial_rms",
   "scale_by_partial_rss",
+  "with_quantized_state",
 ]

@@ -29,7 +29,7 @@ import padam_jax
 P_SCHEDULE = padam_jax.anneal_p(4, init_p=0.5, end_p=0.125)
 # Every optimizer factory in padam_jax.__all__; the rest are state classes, the version and
 # the schedule for p.
-NOT_OPTIMIZERS = {"__version__", "anneal_p"}
+NOT_OPTIMIZERS = {"__version__", "anneal_p", "with_quantized_state"}
 OPTIMIZERS = sorted(
   name
   for name in padam_jax.__all__
