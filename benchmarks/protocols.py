@@ -69,6 +69,8 @@ class Variant:
   )
   base_lr: float | None = None  # a tuned protocol's x1 rate, when not the registry's
   rate_of: tuple[str, str] | None = None  # (protocol, label): use the rate chosen there, no grid
+  config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # trainer settings, e.g.
+  # {"state_bits": 8}, over the protocol's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +188,15 @@ def _gap_variants() -> tuple[Variant, ...]:
   )
 
 
+def _state_bits_variants() -> tuple[Variant, ...]:
+  rate = ("cifar10-tuned", "padam")
+  return (
+    Variant("padam", "padam", rate_of=rate),  # float32 state: cifar10-tuned's runs
+    Variant("padam state 16", "padam", rate_of=rate, config={"state_bits": 16}),
+    Variant("padam state 8", "padam", rate_of=rate, config={"state_bits": 8}),
+  )
+
+
 PROTOCOLS: dict[str, Protocol] = {
   p.name: p
   for p in (
@@ -242,6 +253,20 @@ PROTOCOLS: dict[str, Protocol] = {
       "grid is centred on a rate log-linear in p between the paper's Padam (0.1 at p = 1/8) and "
       "AMSGrad (1e-3 at p = 1/2): 1e-3 at p = 1/2, 0.0215 at 1/4, 0.215 at 1/16. One seed by "
       "default (the grid's); p = 1/8 and SGD-M share cifar10-tuned's runs. " + _CIFAR10_TUNED_ABOUT,
+    ),
+    Protocol(
+      name="state-bits",
+      task="cifar10",
+      setting="cifar10-tuned",
+      config=_CIFAR10_TUNED,
+      variants=_state_bits_variants(),
+      seeds=3,
+      tuning=_TUNED_GRID,
+      compare=(("padam state 16", "padam"), ("padam state 8", "padam")),
+      about="Padam's optimizer state kept narrow (--state-bits): every moment in bfloat16, rounded "
+      "stochastically (16), or in 8-bit block-wise codes (8), against float32 (cifar10-tuned's "
+      "runs), at the rate cifar10-tuned chose for Padam, 3 seeds, paired by seed. "
+      + _CIFAR10_TUNED_ABOUT,
     ),
     Protocol(
       name="padam-gap",

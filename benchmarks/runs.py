@@ -91,7 +91,7 @@ def train_run(
   from examples import training
 
   trainer = _trainer(protocol.task)
-  config_fields = {**protocol.config, **(overrides or {})}
+  config_fields = {**protocol.config, **variant.config, **(overrides or {})}
   workdir = run_dir(protocol, variant, seed, root) if workdir is None else workdir
   rate = "" if learning_rate is None else f" lr {learning_rate:.3g}"
   name = f"[{protocol.name}] {variant.label}{rate} seed {seed}"
@@ -263,6 +263,7 @@ def commands(
   for variant, seed, workdir, rate in jobs:
     config = trainer.Config(
       **protocol.config,
+      **variant.config,
       optimizer=variant.optimizer,
       hparams=dict(variant.hparams),
       seed=seed,

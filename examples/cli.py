@@ -96,7 +96,8 @@ def check_choices(config: Any) -> None:
     choices = field_metadata(type(config), f.name).get("choices")
     value = getattr(config, f.name)
     if choices is not None and value not in choices:
-      raise ValueError(f"unknown {f.name} {value!r}; valid {f.name}s: {', '.join(choices)}")
+      valid = ", ".join(map(str, choices))
+      raise ValueError(f"unknown {f.name} {value!r}; valid {f.name}s: {valid}")
 
 
 def check_int(flag: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> None:

@@ -64,8 +64,15 @@ DECAY_FACTOR = 0.1
 DECAY_FRACTIONS = (0.5, 0.75)
 
 # Hyperparameters that name a dtype: ``mu_dtype``, the dtype the first moment (or momentum buffer)
-# is kept in; None (the default) keeps it in the parameters' dtype.
-DTYPE_HYPERPARAMS = frozenset({"mu_dtype"})
+# is kept in, and ``nu_dtype``, the second moment's (and AMSGrad's running maximum's); None (the
+# default) keeps it in the parameters' dtype. A dtype narrower than float32 is rounded
+# stochastically (see padam_jax).
+DTYPE_HYPERPARAMS = frozenset({"mu_dtype", "nu_dtype"})
+# ``--state-bits``: 32 keeps the state as it is; 16 keeps every moment in bfloat16; 8 keeps the whole
+# state in 8-bit block-wise codes (``padam_jax.with_quantized_state``).
+STATE_BITS = (32, 16, 8)
+# Optimizers whose state is a first moment only: 16 bits need no ``nu_dtype`` there.
+FIRST_MOMENT_ONLY = frozenset({"sgdm"})
 MOMENT_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = "float32, bfloat16, float16, or null for the parameters' dtype"
 
@@ -158,6 +165,7 @@ def make_optimizer(
   batch_size: int | None = None,
   train_size: int | None = None,
   learning_rate: float | None = None,
+  state_bits: int = 32,
   **overrides: Any,
 ) -> OptimizerSetup:
   """Builds optimizer ``name`` with the paper's hyperparameters for ``task``.
@@ -170,6 +178,8 @@ def make_optimizer(
     batch_size: examples per step (needed by AdamW's normalized weight decay).
     train_size: training examples per epoch (needed by AdamW).
     learning_rate: optional base learning rate replacing the paper's.
+    state_bits: one of :data:`STATE_BITS`: 16 sets every moment's dtype to bfloat16, 8 wraps the
+      optimizer in ``padam_jax.with_quantized_state``.
     **overrides: any other hyperparameter of :func:`paper_hyperparams`.
 
   Returns:
@@ -185,6 +195,7 @@ def make_optimizer(
     valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
     raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
   hyperparams.update(overrides)
+  _apply_state_bits(name, hyperparams, state_bits)
   _check_dtypes(name, hyperparams)
   if learning_rate is not None:
     hyperparams["learning_rate"] = learning_rate
@@ -213,10 +224,13 @@ def make_optimizer(
     schedule = _rising(schedule, hyperparams)
 
   tx = entry.build(schedule, dict(hyperparams))
+  if state_bits == 8:
+    tx = padam_jax.with_quantized_state(tx)
   log = {
     "optimizer": name,
     "task": task,
     **{k: _jsonable(v) for k, v in hyperparams.items()},
+    **({"state_bits": state_bits} if state_bits != 32 else {}),
     "schedule": "step_decay",
     "decay_boundaries": [[b, s] for b, s in sorted(step_decay_boundaries(total_steps).items())],
     "total_steps": total_steps,
@@ -247,6 +261,27 @@ def _check_dtypes(name: str, hyperparams: dict[str, Any]) -> None:
     if dtype_name(value) is None:
       raise ValueError(f"{key} {value!r} is not valid for {name!r}; expected {DTYPE_CHOICES}")
     hyperparams[key] = dtype_name(value)
+
+
+def _apply_state_bits(name: str, hyperparams: dict[str, Any], state_bits: int) -> None:
+  """Sets the moments' dtypes for ``state_bits`` 16; ValueError for an unknown width, or 16 on an
+  optimizer whose second moment has no dtype to set (or a dtype set otherwise by hand)."""
+  if state_bits not in STATE_BITS:
+    valid = ", ".join(map(str, STATE_BITS))
+    raise ValueError(f"--state-bits {state_bits!r} is not valid; expected one of {valid}")
+  if state_bits != 16:
+    return
+  if "nu_dtype" not in hyperparams and name not in FIRST_MOMENT_ONLY:
+    raise ValueError(
+      f"--state-bits 16 is not valid for {name}: its second moment has no dtype to set (use 8, "
+      "or an optimizer of padam_jax)"
+    )
+  for key in sorted(DTYPE_HYPERPARAMS & hyperparams.keys()):
+    if hyperparams[key] not in (None, "bfloat16"):
+      raise ValueError(
+        f"--state-bits 16 sets {key} to bfloat16; it is {hyperparams[key]!r} (drop one of them)"
+      )
+    hyperparams[key] = "bfloat16"
 
 
 def _check_sizes(name: str, batch_size: int | None, train_size: int | None) -> None:
@@ -310,6 +345,7 @@ def _amsgrad(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransforma
     eps=hp["eps"],
     weight_decay=hp["weight_decay"],
     mu_dtype=hp["mu_dtype"],
+    nu_dtype=hp["nu_dtype"],
   )
 
 
@@ -340,6 +376,7 @@ def _bound(attr: str) -> Callable[[optax.Schedule, dict[str, Any]], optax.Gradie
       gamma=hp["gamma"],
       weight_decay=hp["weight_decay"],
       mu_dtype=hp["mu_dtype"],
+      nu_dtype=hp["nu_dtype"],
     )
 
   return build
@@ -355,6 +392,7 @@ def _padam(lr: optax.Schedule, hp: dict[str, Any]) -> optax.GradientTransformati
     weight_decay=hp["weight_decay"],
     bias_correction=hp["bias_correction"],
     mu_dtype=hp["mu_dtype"],
+    nu_dtype=hp["nu_dtype"],
   )
 
 
@@ -414,6 +452,7 @@ _BOUND = {
   "gamma": 1e-3,
   "weight_decay": _L2,
   "mu_dtype": None,
+  "nu_dtype": None,
 }
 _PARTIAL_ADAM = {
   "learning_rate": _PADAM_LR,
@@ -421,6 +460,7 @@ _PARTIAL_ADAM = {
   **_ADAM,
   "weight_decay": _L2,
   "mu_dtype": None,
+  "nu_dtype": None,
 }
 
 # The registry: name -> builder and default hyperparameters. Its order is NAMES's: the paper's seven,
@@ -456,6 +496,7 @@ REGISTRY: dict[str, Entry] = {
       "eps": 1e-8,
       "weight_decay": _L2,
       "mu_dtype": None,
+      "nu_dtype": None,
     },
   ),
   "adamw": Entry(
@@ -490,6 +531,7 @@ REGISTRY: dict[str, Entry] = {
       "eps": 1e-8,
       "momentum": 0.9,
       "weight_decay": _L2,
+      "nu_dtype": None,
     },
     group="family",
   ),
@@ -501,13 +543,21 @@ REGISTRY: dict[str, Entry] = {
       "initial_accumulator_value": 0.0,
       "eps": 1e-10,
       "weight_decay": _L2,
+      "nu_dtype": None,
     },
     group="family",
   ),
   "partial_adamax": Entry(_family("partial_adamax"), _PARTIAL_ADAM, group="family"),
   "partial_adadelta": Entry(
     _family("partial_adadelta"),
-    {"learning_rate": 1.0, "p": _PADAM_P, "rho": 0.9, "eps": 1e-6, "weight_decay": _L2},
+    {
+      "learning_rate": 1.0,
+      "p": _PADAM_P,
+      "rho": 0.9,
+      "eps": 1e-6,
+      "weight_decay": _L2,
+      "nu_dtype": None,
+    },
     group="family",
   ),
   "padamw": Entry(
@@ -526,6 +576,7 @@ REGISTRY: dict[str, Entry] = {
       "weight_decay": _L2,
       "bias_correction": True,
       "mu_dtype": None,
+      "nu_dtype": None,
     },
     group="extra",
     anneal=True,

@@ -40,7 +40,7 @@ RESUMABLE_FIELDS = frozenset(
 CHANGEABLE_ON_RESUME = frozenset({"learning_rate"})
 # Config fields newer than some checkpoints, with the value the runs that wrote those had: a
 # checkpoint without the field resumes as if it held that value.
-ADDED_FIELDS = {"dtype": "float32"}
+ADDED_FIELDS = {"dtype": "float32", "state_bits": 32}
 # The compute dtypes of ``--dtype``: activations and the operands of convolutions and matmuls.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 FLOAT16_WARNING = (
@@ -100,6 +100,12 @@ class LoopConfig:
     choices=COMPUTE_DTYPES,
     help="compute dtype of the activations, convolutions and matmuls; the parameters, optimizer "
     "state, BatchNorm statistics and loss stay float32 (float16 has no loss scaling)",
+  )
+  state_bits: int = cli.setting(
+    32,
+    choices=optimizers.STATE_BITS,
+    help="bits per element of the optimizer state: 32 as the optimizer keeps it, 16 every moment "
+    "in bfloat16 (rounded stochastically), 8 block-wise 8-bit codes (with_quantized_state)",
   )
   devices: int | None = cli.setting(
     None, help="number of devices to split the batch over (default: all)"
@@ -262,6 +268,7 @@ def check_optimizer(config: LoopConfig, registry_task: str) -> None:
       batch_size=config.batch_size,
       train_size=config.batch_size,
       learning_rate=config.learning_rate,
+      state_bits=config.state_bits,
       **dict(config.hparams),
     )
   except (TypeError, ValueError) as e:
@@ -302,5 +309,6 @@ def make_optimizer(task: Any, config: LoopConfig) -> optimizers.OptimizerSetup:
     batch_size=config.batch_size,
     train_size=task.train_size,
     learning_rate=config.learning_rate,
+    state_bits=config.state_bits,
     **dict(config.hparams),
   )

@@ -62,19 +62,20 @@ def make_state(
   """
   model, optimizer = nnx.eval_shape(functools.partial(_create, task, tx), root)
   model.train()
-  train_graph, abstract = nnx.split((model, optimizer))
+  train_graph = nnx.graphdef((model, optimizer))
   model.eval()
   eval_graph = nnx.graphdef((model, optimizer))
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  shardings = devices.state_shardings(abstract, mesh)
 
-  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
-  # parameter shape, which costs seconds each on a small CPU.
-  @functools.partial(jax.jit, out_shardings=shardings)
   def create(root):
     return nnx.split(_create(task, tx, root))[1]
 
-  state = create(root)
+  # The layout from the state as the program creates it (an optimizer state may hold pytrees of
+  # its own, such as quantized arrays, which are traced as they are).
+  shardings = devices.state_shardings(jax.eval_shape(create, root), mesh)
+  # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
+  # parameter shape, which costs seconds each on a small CPU.
+  state = jax.jit(create, out_shardings=shardings)(root)
   return Model(train_graph, eval_graph, int(num_params), shardings), state
 
 
