@@ -1,8 +1,11 @@
 """8-bit optimizer state: any transformation's state kept as block-wise 8-bit codes.
 
 :func:`with_quantized_state` wraps a transformation as ``optax.MultiSteps`` does: its state holds
-the wrapped state with every large floating leaf replaced by a :class:`QuantizedArray`, which is
-decoded to float32 before ``update`` and encoded again after it.
+the wrapped state with every large floating leaf replaced by its uint8 codes, and beside it the int8
+block headers of those leaves. The state is decoded to float32 before ``update`` and encoded again
+after it. It holds only arrays in NamedTuples, tuples and the wrapped state's own containers, so
+that ``flax.nnx.Optimizer`` (which turns any other pytree node of a state into a nested
+``nnx.State``) and ``out_shardings`` see it as they see any Optax state.
 
 The encoding, per block of ``block_size`` consecutive elements along the last axis:
 
@@ -22,7 +25,6 @@ rounded stochastically, with the random bits of :mod:`padam_jax._rounding`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -46,32 +48,34 @@ _E4M3 = jnp.float8_e4m3fn
 _E4M3_MAX = 448.0
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray:
-  """A floating-point array stored as 8-bit codes, one power-of-two scale per block.
+class QuantizedArray(NamedTuple):
+  """One quantized leaf of a :class:`QuantizedState`: its codes and block headers.
+
+  The state keeps the two apart (the codes in place of the leaf, the headers in
+  :attr:`QuantizedState.headers`); :meth:`QuantizedState.quantized_arrays` pairs them.
 
   Attributes:
-    codes: uint8, the array's shape: one code per element.
-    header: int8, the array's shape with the last axis divided by the block size: per block,
+    codes: uint8, the leaf's shape: one code per element.
+    header: int8, the leaf's shape with the last axis divided by the block size: per block,
       ``2 * E + u``, the scale ``2**E`` and ``u = 1`` for the unsigned code (``e5m3``, a block
       of values ``>= 0``) or ``u = 0`` for the signed one (``float8_e4m3fn``).
-    dtype: the dtype the array is decoded to (static).
   """
 
   codes: jax.Array
   header: jax.Array
-  dtype: np.dtype = dataclasses.field(metadata={"static": True})
 
   @property
   def shape(self) -> tuple[int, ...]:
     return self.codes.shape
 
-  def dequantize(self) -> jax.Array:
-    """The array, decoded (in :attr:`dtype`)."""
-    return decode(self.codes, self.header).astype(self.dtype)
+  def dequantize(self, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
+    """The leaf, decoded (in ``dtype``)."""
+    return decode(self.codes, self.header).astype(dtype)
 
 
-jax.tree_util.register_dataclass(QuantizedArray)
+def _header_list(headers: Any) -> list[Any]:
+  """The entries of :attr:`QuantizedState.headers` (arrays, or ``None``), whatever holds them."""
+  return jax.tree.leaves(headers, is_leaf=lambda x: x is None)
 
 
 class QuantizedState(NamedTuple):
@@ -80,12 +84,25 @@ class QuantizedState(NamedTuple):
   Attributes:
     count: number of updates applied so far (int32); with each leaf's position, it seeds the
       stochastic rounding.
-    inner_state: the wrapped transformation's state, its large floating leaves as
-      :class:`QuantizedArray`.
+    inner_state: the wrapped transformation's state, each quantized leaf replaced by its codes
+      (uint8, the leaf's shape).
+    headers: a tuple with one entry per leaf of ``inner_state`` (in ``jax.tree.leaves`` order):
+      the int8 block headers of a quantized leaf, ``None`` for a leaf kept as it is.
   """
 
   count: jax.Array
   inner_state: optax.OptState
+  headers: tuple[jax.Array | None, ...]
+
+  def quantized_arrays(self) -> list[QuantizedArray]:
+    """The quantized leaves of :attr:`inner_state`, in ``jax.tree.leaves`` order."""
+    leaves = jax.tree.leaves(self.inner_state)
+    headers = _header_list(self.headers)
+    return [QuantizedArray(x, h) for x, h in zip(leaves, headers, strict=True) if h is not None]
+
+  def dequantize(self) -> optax.OptState:
+    """:attr:`inner_state` with each quantized leaf decoded to float32."""
+    return dequantize_tree(self.inner_state, self.headers)
 
 
 def _power_of_two(exponent: jax.Array) -> jax.Array:
@@ -179,27 +196,40 @@ def is_quantized(x: Any, block_size: int, min_size: int) -> bool:
   )
 
 
-def quantize_tree(tree: Any, block_size: int, min_size: int, count: jax.typing.ArrayLike) -> Any:
-  """``tree`` with the leaves :func:`is_quantized` selects as :class:`QuantizedArray`; leaf
-  ``i`` (in ``jax.tree.leaves`` order) draws its random bits from stream ``i``."""
+def quantize_tree(
+  tree: Any, block_size: int, min_size: int, count: jax.typing.ArrayLike
+) -> tuple[Any, tuple[jax.Array | None, ...]]:
+  """``tree`` with the leaves :func:`is_quantized` selects replaced by their codes, and the
+  headers (``None`` for a leaf kept as it is), one per leaf in ``jax.tree.leaves`` order. Leaf
+  ``i`` draws its random bits from stream ``i``."""
   leaves, treedef = jax.tree.flatten(tree)
+  encoded = [
+    encode(x, block_size, _rounding.random_bits(x, count, i))
+    if is_quantized(x, block_size, min_size)
+    else (x, None)
+    for i, x in enumerate(leaves)
+  ]
+  return treedef.unflatten([x for x, _ in encoded]), tuple(h for _, h in encoded)
 
-  def compress(index: int, x: Any) -> Any:
-    if not is_quantized(x, block_size, min_size):
-      return x
-    noise = _rounding.random_bits(x, count, index)
-    return QuantizedArray(*encode(x, block_size, noise), dtype=jnp.dtype(x.dtype))
 
-  return treedef.unflatten([compress(i, x) for i, x in enumerate(leaves)])
-
-
-def dequantize_tree(tree: Any) -> Any:
-  """``tree`` with every :class:`QuantizedArray` decoded."""
-  return jax.tree.map(
-    lambda x: x.dequantize() if isinstance(x, QuantizedArray) else x,
-    tree,
-    is_leaf=lambda x: isinstance(x, QuantizedArray),
-  )
+def dequantize_tree(tree: Any, headers: Any, like: Any = None) -> Any:
+  """``tree`` (with codes in place of its quantized leaves) decoded with ``headers`` (one per leaf,
+  as :func:`quantize_tree` gives them): each quantized leaf in the dtype of the leaf at its
+  position in ``like`` (e.g. a ``jax.eval_shape`` of the state), or in float32 if ``like`` is
+  ``None``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  headers = _header_list(headers)
+  dtypes = [jnp.float32] * len(leaves) if like is None else [x.dtype for x in jax.tree.leaves(like)]
+  if not len(headers) == len(dtypes) == len(leaves):
+    raise ValueError(
+      f"the quantized state has {len(leaves)} leaves and {len(headers)} headers, but the wrapped "
+      f"transformation's state has {len(dtypes)} leaves"
+    )
+  decoded = [
+    x if h is None else decode(x, h).astype(dtype)
+    for x, h, dtype in zip(leaves, headers, dtypes, strict=True)
+  ]
+  return treedef.unflatten(decoded)
 
 
 def with_quantized_state(
@@ -212,14 +242,19 @@ def with_quantized_state(
   r"""Keeps the state of ``tx`` in 8 bits per element: block-wise codes, stochastically rounded.
 
   Every floating leaf of ``tx``'s state with at least ``min_size`` elements and a last axis that
-  is a multiple of ``block_size`` (for a per-parameter moment: the parameter's) is stored as a
-  :class:`QuantizedArray`: one byte per element and one per block of ``block_size`` consecutive
-  elements along the last axis. Other leaves (counters, injected hyperparameters, small
-  parameters' moments) are kept as they are. ``update`` decodes the state to float32, calls
-  ``tx.update`` and encodes the new state, rounding each element up or down at random with the
-  probabilities that make it right in expectation. The random bits are a hash of the update
-  count, the leaf's position in the state and the element's index: no key is needed, and they do
-  not depend on how the state is laid out over devices.
+  is a multiple of ``block_size`` (for a per-parameter moment: the parameter's) is stored in 8
+  bits: its codes, one uint8 per element, take its place in the state, and its headers, one int8
+  per block of ``block_size`` consecutive elements along the last axis, are kept beside it in
+  :attr:`QuantizedState.headers`. Other leaves (counters, injected hyperparameters, small
+  parameters' moments) are kept as they are. The state holds only arrays, in the containers of
+  ``tx``'s state and in tuples, so ``flax.nnx.Optimizer`` holds it and a jitted step places it
+  with ``out_shardings`` as they do any Optax state. ``update`` decodes the state to float32
+  (then to the dtypes of ``tx``'s state, from ``jax.eval_shape(tx.init, params)``, or of the
+  updates when no ``params`` are given), calls ``tx.update`` and encodes the new state, rounding
+  each element up or down at random with the probabilities that make it right in expectation.
+  The random bits are a hash of the update count, the leaf's position in the state and the
+  element's index: no key is needed, and they do not depend on how the state is laid out over
+  devices.
 
   Each block has a power-of-two scale and one of two codes: a block whose elements are all
   ``>= 0`` (second moments, sums of squares) an unsigned 8-bit float with 5 exponent and 3
@@ -256,10 +291,11 @@ def with_quantized_state(
     >>> params = jnp.linspace(-1.0, 1.0, 8)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(2 * params, state, params)
-    >>> nu_max = state.inner_state[1].nu_max  # padam chains weight decay, the rule, the rate
-    >>> print(nu_max.codes.dtype, nu_max.header.dtype, nu_max.header.shape)
+    >>> codes = state.inner_state[1].nu_max  # padam chains weight decay, the rule, the rate
+    >>> nu_max = state.quantized_arrays()[-1]  # the leaves: mu, nu, nu_max
+    >>> print(codes.dtype, nu_max.header.dtype, nu_max.header.shape)
     uint8 int8 (2,)
-    >>> print(nu_max.dequantize()[-1])  # 0.004 = 1.024 * 2**-8, rounded to a neighbour
+    >>> print(state.dequantize()[1].nu_max[-1])  # 0.004 = 1.024 * 2**-8, rounded to a neighbour
     0.00390625
 
   References:
@@ -276,7 +312,7 @@ def with_quantized_state(
 
   def init_fn(params: optax.Params) -> QuantizedState:
     count = jnp.zeros([], jnp.int32)
-    return QuantizedState(count, quantize_tree(inner.init(params), block_size, min_size, count))
+    return QuantizedState(count, *quantize_tree(inner.init(params), block_size, min_size, count))
 
   def update_fn(
     updates: optax.Updates,
@@ -284,9 +320,11 @@ def with_quantized_state(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, QuantizedState]:
-    inner_state = dequantize_tree(state.inner_state)
+    # The dtypes of the wrapped state's leaves, from its abstract value (nothing is computed).
+    like = jax.eval_shape(inner.init, updates if params is None else params)
+    inner_state = dequantize_tree(state.inner_state, state.headers, like)
     updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
     count = optax.safe_increment(state.count)
-    return updates, QuantizedState(count, quantize_tree(inner_state, block_size, min_size, count))
+    return updates, QuantizedState(count, *quantize_tree(inner_state, block_size, min_size, count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

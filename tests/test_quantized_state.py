@@ -1,5 +1,6 @@
 """``with_quantized_state``: the codes against a NumPy reference, unbiased rounding, around
-``optax.adam`` and Padam, inside ``optax.inject_hyperparams``, under ``jit`` and sharded."""
+``optax.adam`` and Padam, inside ``optax.inject_hyperparams``, under ``jit``, sharded, and held by
+a Flax NNX ``nnx.Optimizer``."""
 
 import functools
 import math
@@ -110,8 +111,10 @@ def run(tx, params, grads, steps=5):
 
 
 def quantized(state) -> list[padam_jax.QuantizedArray]:
-  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, padam_jax.QuantizedArray))
-  return [x for x in leaves if isinstance(x, padam_jax.QuantizedArray)]
+  """The quantized leaves of the :class:`padam_jax.QuantizedState` in ``state``."""
+  is_state = lambda x: isinstance(x, padam_jax.QuantizedState)  # noqa: E731
+  (found,) = [x for x in jax.tree.leaves(state, is_leaf=is_state) if is_state(x)]
+  return found.quantized_arrays()
 
 
 @pytest.mark.standard_promotion  # optax.adam's bias correction raises a float to an int32 power
@@ -193,6 +196,58 @@ def test_sharded_state_follows_the_parameters_and_has_the_same_bits():
       for x in quantized(state):
         assert x.codes.sharding.is_equivalent_to(sharding["w"], 2), (spec, x.codes.sharding)
         assert x.header.sharding.is_equivalent_to(sharding["w"], 2), (spec, x.header.sharding)
+
+
+def test_held_by_an_nnx_optimizer_eagerly_and_in_a_jitted_functional_step():
+  from flax import nnx
+
+  tx = padam_jax.with_quantized_state(padam_jax.padam(0.1))
+  model = nnx.Linear(3072, 16, rngs=nnx.Rngs(0))  # the kernel is quantized, the bias is not
+  grads = [
+    jax.tree.map(lambda x, t=t: 1e-2 * jnp.cos(t * 7.0 * x), nnx.state(model, nnx.Param))
+    for t in range(1, 5)
+  ]
+  # The same transformation through plain Optax on the same gradients.
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  expected = []
+  for g in grads:
+    updates, state = tx.update(nnx.as_pure(g), state, params)
+    params = optax.apply_updates(params, updates)
+    expected.append(params)
+
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graph, initial = nnx.split((model, optimizer))
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), initial)
+  for x in optimizer.opt_state.quantized_arrays():  # mu, nu and nu_max of the kernel
+    assert (x.codes.dtype, x.codes.shape, x.header.shape) == (jnp.uint8, (3072, 16), (3072, 1))
+  assert len(optimizer.opt_state.quantized_arrays()) == 3
+
+  def check(state, want):
+    assert jax.tree.structure(state) == jax.tree.structure(initial)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+    model = nnx.merge(graph, state)[0]
+    got = nnx.as_pure(nnx.state(model, nnx.Param))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), got, want)
+
+  for g, want in zip(grads[:2], expected[:2], strict=True):
+    optimizer.update(model, g)
+    check(nnx.state((model, optimizer)), want)
+
+  # As the trainers do: a functional step whose out_shardings come from the initial state.
+  device = jax.devices()[0]
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), initial)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def step(state, grads):
+    model, optimizer = nnx.merge(graph, state)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer))
+
+  state = nnx.state((model, optimizer))
+  for g, want in zip(grads[2:], expected[2:], strict=True):
+    state = step(state, g)
+    check(state, want)
 
 
 def test_bad_arguments_are_refused():
