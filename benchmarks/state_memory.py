@@ -85,8 +85,10 @@ def nnx_state(create_model: Callable[[], nnx.Module], tx: Any) -> tuple[Any, Any
     model = create_model()
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  _, state = nnx.split(nnx.eval_shape(create))
-  return nnx.filter_state(state[0], nnx.Param), state[1]
+  model, optimizer = nnx.eval_shape(create)
+  # The optimizer as the pytree of its state (nnx.split would turn the state's containers into
+  # dicts).
+  return nnx.state(model, nnx.Param), optimizer
 
 
 def resnet18() -> tuple[Any, Any]:
@@ -165,9 +167,14 @@ def transformer_with(tx: optax.GradientTransformation) -> tuple[Any, Any]:
 
 
 def quantized_leaves(state: Any) -> list[padam_jax.QuantizedArray]:
-  """The :class:`padam_jax.QuantizedArray` leaves of ``state``."""
-  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, padam_jax.QuantizedArray))
-  return [x for x in leaves if isinstance(x, padam_jax.QuantizedArray)]
+  """The quantized leaves (codes and header) of every :class:`padam_jax.QuantizedState` in
+  ``state``."""
+
+  def is_state(x: Any) -> bool:
+    return isinstance(x, padam_jax.QuantizedState)
+
+  states = [x for x in jax.tree.leaves(state, is_leaf=is_state) if is_state(x)]
+  return [leaf for s in states for leaf in s.quantized_arrays()]
 
 
 def straddling(state: Any, fsdp: int) -> int:

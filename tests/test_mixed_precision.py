@@ -3,6 +3,7 @@ parameters and optimizer state, the PTB LSTM in bfloat16, the flag and resumptio
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,35 @@ def test_dtype_flag_is_checked_and_resume_refuses_another_dtype(tmp_path, capsys
   assert records.check_previous_run(other).dtype == "float32"
   with pytest.raises(ValueError, match="dtype: checkpoint 'float32', now 'bfloat16'"):
     records.check_previous_run(again)
+
+
+def test_state_bits_shrink_the_optimizer_state_and_are_checked(tmp_path, capsys, monkeypatch):
+  from test_cifar10 import synthetic_cifar
+  from test_multiprocess import WideNet
+
+  from examples.cifar10 import models
+
+  monkeypatch.setitem(models.MODELS, "wide", WideNet)  # nearly all one 3072 x 16 matrix
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() may add XNNPACK's
+  np.savez(tmp_path / "cifar10.npz", **synthetic_cifar(n_train=16, n_test=8))
+  args = ["--model", "wide", "--batch-size", "8", "--eval-batch-size", "8", "--epochs", "1"]
+  args += ["--devices", "1", "--no-progress", "--no-xnnpack", "--data-dir", str(tmp_path)]
+  state = {}
+  for bits in (32, 16, 8):
+    workdir = tmp_path / f"bits{bits}"
+    assert cifar_main.main([*args, "--workdir", str(workdir), "--state-bits", str(bits)]) == 0
+    run = json.loads((workdir / "run.json").read_text())
+    state[bits] = run["optimizer_state_bytes"] / run["param_bytes"]
+    assert run["optimizer"].get("state_bits", 32) == bits
+    assert np.isfinite(json.loads((workdir / "metrics.jsonl").read_text())["train_loss"])
+  print(f"optimizer state bytes per parameter byte: {state}")
+  assert state[32] == pytest.approx(3.0, rel=1e-3)  # mu, nu, nu_max in float32
+  assert state[16] == pytest.approx(1.5, rel=1e-3)
+  assert state[8] < 0.85  # 3.20 bytes a parameter in 8-bit codes, the small leaves in float32
+  capsys.readouterr()
+  workdir = ["--workdir", str(tmp_path / "bits8")]
+  assert cifar_main.main([*args, *workdir, "--resume", "--epochs", "1"]) == 2
+  assert "state_bits: checkpoint 8, now 32" in capsys.readouterr().err
+  adam = ["--optimizer", "adam", "--state-bits", "16", "--workdir", str(tmp_path / "adam")]
+  assert cifar_main.main([*args, *adam]) == 2
+  assert "--state-bits 16 is not valid for adam" in capsys.readouterr().err
