@@ -93,10 +93,10 @@ def _hold_after(epoch: int) -> None:
 
 
 def _signal_at(call: int) -> None:
-  """Makes this process send itself SIGTERM as its ``call``-th train step starts; from then on its
-  steps take 0.1 s more, so that the processes' agreement on where to stop (a fraction of a second
-  on the coordination service) lands inside the run."""
-  train = Steps.train
+  """Makes this process send itself SIGTERM as its ``call``-th call of train steps starts; from then
+  on its calls take 0.1 s more, so that the processes' agreement on where to stop (a fraction of a
+  second on the coordination service) lands inside the run."""
+  train = Steps.train_chunk
   calls = []
 
   def train_and_signal(self, *args):
@@ -107,7 +107,7 @@ def _signal_at(call: int) -> None:
       time.sleep(0.1)
     return train(self, *args)
 
-  Steps.train = train_and_signal
+  Steps.train_chunk = train_and_signal
 
 
 def worker(argv: list[str]) -> int:
@@ -328,8 +328,10 @@ def test_two_processes_train_ptb_as_one_and_stop_together_on_a_signal_to_one(tmp
   args += ["--data-dir", str(data), "--no-progress", "--no-xnnpack"]
   one = launch("one", "ptb", [*args, "--workdir", str(tmp_path / "one")], processes=1)
   two = launch("two", "ptb", [*args, "--workdir", str(tmp_path / "two")])
-  # SIGTERM to process 1 alone, at its 4th step: both stop at one step, save, exit with 4.
-  stopped = launch("stopped", "ptb", [*args, "--workdir", str(tmp_path / "stopped")], signal_at=4)
+  # SIGTERM to process 1 alone, at its 4th step (a step a call): both stop at one step, save,
+  # exit with 4; the other runs take the default calls (a whole epoch each), with the same numbers.
+  stopped_args = [*args, "--workdir", str(tmp_path / "stopped"), "--steps-per-call", "1"]
+  stopped = launch("stopped", "ptb", stopped_args, signal_at=4)
   one.wait()
   two.wait()
   stopped.wait(status=4)

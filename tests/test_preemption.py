@@ -143,8 +143,8 @@ def test_the_clock_saves_inside_epochs_and_a_crash_resumes_from_there(tmp_path, 
 
 
 def signal_at_call(monkeypatch, call, signum):
-  """Makes the train step send ``signum`` to this process as its ``call``-th call starts."""
-  train = Steps.train
+  """Makes the trainers' calls of steps send ``signum`` to this process as the ``call``-th starts."""
+  train = Steps.train_chunk
   calls = []
 
   def train_and_signal(self, *args):
@@ -153,8 +153,8 @@ def signal_at_call(monkeypatch, call, signum):
       os.kill(os.getpid(), signum)
     return train(self, *args)
 
-  monkeypatch.setattr(Steps, "train", train_and_signal)
-  return lambda: monkeypatch.setattr(Steps, "train", train)
+  monkeypatch.setattr(Steps, "train_chunk", train_and_signal)
+  return lambda: monkeypatch.setattr(Steps, "train_chunk", train)
 
 
 def _stopped_line(capsys, name):
@@ -178,10 +178,12 @@ def test_both_trainers_stop_on_a_signal_and_resume_exactly(tmp_path, capsys, mon
     main, name, args = ptb_main.main, "SIGINT", ["--model", "test-dropout", "--batch-size", "2"]
     args += ["--eval-batch-size", "2", "--optimizer", "padam", "--lr", "0.1"]
   args += ["--epochs", "2", "--devices", "1", "--no-progress", "--no-xnnpack"]
-  args += ["--data-dir", str(tmp_path)]
+  args += ["--data-dir", str(tmp_path), "--steps-per-call", "2"]
   assert main([*args, "--workdir", str(tmp_path / "full")]) == cli.EXIT_OK
   steps = metrics.read_metrics(tmp_path / "full")[0]["step"]
-  restore = signal_at_call(monkeypatch, steps + 2, getattr(signal, name))
+  assert steps % 2 == 0, steps
+  # Calls of 2 steps: the signal lands in the first call of epoch 2, which stops after it.
+  restore = signal_at_call(monkeypatch, steps // 2 + 1, getattr(signal, name))
   capsys.readouterr()
   assert main([*args, "--workdir", str(tmp_path / "run")]) == cli.EXIT_PREEMPTED
   _stopped_line(capsys, name)

@@ -94,6 +94,7 @@ class Cifar10Task(training.Task):
       raise ValueError(
         f"batch size {config.batch_size} exceeds the {self.train_size} training images"
       )
+    self._train = train
     self.x_train = jnp.asarray(train.images)
     self.y_train = jnp.asarray(train.labels)
     self.splits = {"test": test} if val is None else {"val": val, "test": test}
@@ -115,9 +116,21 @@ class Cifar10Task(training.Task):
     self, epoch: int, rng: jax.Array, start: int = 0
   ) -> Iterator[dict[str, jax.Array]]:
     del epoch  # the rng already depends on it
-    order = jax.random.permutation(rng, self.train_size)
+    order = self.epoch_order(rng)
     for step in range(start, self.steps_per_epoch):
       yield _gather(self.x_train, self.y_train, order, step, self.batch_size)
+
+  def train_data(self) -> dict[str, np.ndarray]:
+    """The training images (uint8) and labels, to live on the devices."""
+    return {"image": self._train.images, "label": self._train.labels}
+
+  def epoch_order(self, epoch_key: jax.Array) -> jax.Array:
+    """A permutation of the training images, new every epoch."""
+    return jax.random.permutation(epoch_key, self.train_size)
+
+  def train_batch(self, data, order, step) -> dict[str, jax.Array]:
+    index = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, self.batch_size)
+    return {"image": data["image"][index], "label": data["label"][index]}
 
   def loss(self, model, batch, carry, rng, *, train: bool):
     images = batch["image"]

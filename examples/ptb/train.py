@@ -149,6 +149,14 @@ class PtbTask(training.Task):
     for w in range(start, self.steps_per_epoch):
       yield {"inputs": windows.inputs[w], "targets": windows.targets[w]}
 
+  def train_data(self) -> dict[str, np.ndarray]:
+    """Every training window, to live on the devices (the same windows, in order, every epoch)."""
+    return {"inputs": self.train_windows.inputs, "targets": self.train_windows.targets}
+
+  def train_batch(self, data, order, step) -> dict[str, jax.Array]:
+    del order
+    return {"inputs": data["inputs"][step], "targets": data["targets"][step]}
+
   def loss(self, model, batch, carry, rng, *, train: bool):
     logits, carry = model(batch["inputs"], carry, rng=rng if train else None)
     targets = batch["targets"]

@@ -12,6 +12,8 @@ modules, each one concern:
 - :mod:`~examples.training.records`: the workdir: its lock, run.json, metrics.jsonl, resume rules.
 - :mod:`~examples.training.preemption`: stopping on SIGTERM/SIGINT, saving on a clock.
 - :mod:`~examples.training.progress`: the progress bar and the per-epoch line.
+- :mod:`~examples.training.divergence`: the stop on a NaN or an infinity.
+- :mod:`~examples.training.epoch`: one epoch, a call at a time (``--steps-per-call``).
 - :mod:`~examples.training.loop`: :func:`train`, epoch by epoch.
 
 What a trainer needs is importable from here.
@@ -19,7 +21,8 @@ What a trainer needs is importable from here.
 
 from examples.training.checkpoints import CheckpointError, fingerprint
 from examples.training.devices import FSDP_MIN_SIZE, fsdp_spec
-from examples.training.loop import NonFiniteLossError, train
+from examples.training.divergence import NonFiniteLossError
+from examples.training.loop import train
 from examples.training.preemption import Preempted
 from examples.training.records import check_run
 from examples.training.settings import LoopConfig

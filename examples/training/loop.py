@@ -15,242 +15,29 @@ uninterrupted one would have done, from an epoch's start or from inside it.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from examples import cli, metrics, optimizers
+from examples import metrics, optimizers
 from examples.training import devices, records, settings
 from examples.training.checkpoints import CHECKPOINTS_DIR, Checkpoints
-from examples.training.preemption import Preempted, Stops
-from examples.training.progress import ProgressBar, show_epoch
+from examples.training.divergence import NonFiniteLossError, check_finite, check_finite_state
+from examples.training.epoch import Context, EpochTraining, epoch_key, preempted, train_epoch
+from examples.training.preemption import Stops
+from examples.training.progress import show_epoch
 from examples.training.records import RunState
 from examples.training.settings import LoopConfig
 from examples.training.steps import Steps, make_state
 from examples.training.task import Evaluator, Task
 
 
-class NonFiniteLossError(cli.RunStopped):
-  """The training loss, an evaluation metric or the state became NaN or infinite; the run stopped,
-  its last finite checkpoint kept."""
-
-  exit_status = cli.EXIT_NON_FINITE
-
-
-@dataclasses.dataclass
-class Context:
-  """What every epoch of a run uses: the task, settings, optimizer, steps, checkpoints and stops."""
-
-  task: Task
-  config: LoopConfig
-  setup: optimizers.OptimizerSetup
-  steps: Steps
-  checkpoints: Checkpoints
-  stops: Stops
-  log_every: int = 10
-
-  @property
-  def base_lr(self) -> float | None:
-    return self.setup.hyperparams.get("learning_rate")
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochTraining:
-  """What :func:`train_epoch` measured.
-
-  Attributes:
-    sums: the epoch's metric sums (``task.loss``'s ``sums`` over its steps), as Python floats.
-    seconds: time of the steps, compilation excluded (with a resumed epoch's earlier steps).
-    save: whether a checkpoint is due at the epoch's end whatever ``--checkpoint-every`` says
-      (a stop or the clock fell on its last step).
-    stop: whether the run stops after this epoch (a signal fell on its last step).
-  """
-
-  sums: dict[str, float]
-  seconds: float
-  save: bool = False
-  stop: bool = False
-
-
-def epoch_key(root: jax.Array, epoch: int) -> jax.Array:
-  """The key of ``epoch`` (batches; ``fold_in(key, step)`` inside each step)."""
-  return jax.random.fold_in(jax.random.fold_in(root, 1), epoch)
-
-
 def due(epoch: int, every: int, last: int) -> bool:
   """Whether something done every ``every`` epochs and after epoch ``last`` is due after ``epoch``."""
   return epoch % every == 0 or epoch == last
-
-
-def _non_finite_message(what: str, checkpoints: Checkpoints, learning_rate: float | None) -> str:
-  last = checkpoints.latest()
-  lower = "a lower --lr" if learning_rate is None else f"a lower --lr (e.g. {learning_rate / 10:g})"
-  if last is None:
-    forward = (
-      f"There is no checkpoint with finite metrics: start again with --overwrite and {lower}."
-    )
-  else:
-    forward = (
-      f"The last finite checkpoint, after {last}, is kept in {checkpoints.directory}: continue "
-      f"from it with --resume and {lower}; the new base rate keeps the decay steps."
-    )
-  return f"{what}; stopping. {forward}"
-
-
-def check_finite(
-  live: Mapping[str, float],
-  what: str,
-  checkpoints: Checkpoints,
-  learning_rate: float | None = None,
-) -> None:
-  """Raises :class:`NonFiniteLossError` when a metric of ``live`` is NaN or infinite.
-
-  ``what`` says which metrics (``training loss in epoch 3 by step 40``); ``learning_rate`` (the
-  run's base rate) makes the message suggest a lower one.
-  """
-  if not all(math.isfinite(v) for v in live.values()):
-    shown = ", ".join(f"{k}={v}" for k, v in live.items())
-    raise NonFiniteLossError(
-      _non_finite_message(f"non-finite {what} ({shown})", checkpoints, learning_rate)
-    )
-
-
-@jax.jit
-def _non_finite_flags(state: Any) -> Any:
-  """Per array of ``state``: whether it holds a NaN or an infinity (one program for them all)."""
-  return jax.tree.map(
-    lambda x: (
-      ~jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros((), bool)
-    ),
-    state,
-  )
-
-
-def non_finite_arrays(state: Any) -> list[str]:
-  """The paths of the floating-point arrays of ``state`` that hold a NaN or an infinity."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(_non_finite_flags(state))
-  return [jax.tree_util.keystr(path) for path, bad in flat if bool(devices.host_value(bad))]
-
-
-def check_finite_state(
-  state: Any, where: str, checkpoints: Checkpoints, learning_rate: float | None = None
-) -> None:
-  """Raises :class:`NonFiniteLossError` when a parameter, optimizer-state or batch-statistics array
-  holds a NaN or an infinity (the state is then not checkpointed); ``where``: ``after epoch 3``."""
-  bad = non_finite_arrays(state)
-  if bad:
-    total = len(jax.tree.leaves(state))
-    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-    what = (
-      f"non-finite values in {len(bad)} of the {total} arrays of the state {where} ({shown}); "
-      "its checkpoint was not written"
-    )
-    raise NonFiniteLossError(_non_finite_message(what, checkpoints, learning_rate))
-
-
-def save_inside_epoch(
-  ctx: Context, run: RunState, state: Any, carry: Any, sums: Mapping[str, float], step: int, seconds
-) -> None:
-  """Saves a checkpoint ``step`` steps into epoch ``run.epoch + 1``: the state and carry, and as
-  its position the step, the sums so far and their seconds (a finite state only)."""
-  where = f"at step {step} of epoch {run.epoch + 1}"
-  check_finite_state(state, where, ctx.checkpoints, ctx.base_lr)
-  at = dataclasses.replace(run, state=state)
-  inside = {"step": step, "sums": dict(sums), "seconds": seconds}
-  meta = records.checkpoint_meta(at, ctx.task, ctx.config, inside)
-  with ctx.stops.saving():
-    ctx.checkpoints.save(run.epoch * ctx.task.steps_per_epoch + step, (state, carry), meta)
-
-
-def _preempted(ctx: Context, where: str) -> Preempted:
-  config = ctx.config
-  return Preempted(
-    f"stopped by {ctx.stops.reason} {where}; the checkpoint is in "
-    f"{pathlib.Path(config.workdir) / CHECKPOINTS_DIR}: continue with the same command and "
-    "--resume"
-  )
-
-
-def _host_sums(sums: Mapping[str, jax.Array]) -> dict[str, float]:
-  return {k: float(v) for k, v in sums.items()}
-
-
-def train_epoch(
-  ctx: Context, run: RunState, epoch: int, key: jax.Array
-) -> tuple[Any, EpochTraining]:
-  """Runs the train steps of ``epoch`` (from ``run.step`` on, for a run resumed inside it); returns
-  the new state and what it measured.
-
-  Every ``log_every`` steps (and at the last) the sums are fetched: the progress bar shows them and
-  a non-finite loss stops the run. After every step :class:`Stops` says whether to save a
-  checkpoint (the clock) and whether to stop (a signal): inside the epoch the checkpoint is saved
-  at once and a stop raises :class:`Preempted`; on its last step both wait for the epoch's end.
-  """
-  task, config, steps = ctx.task, ctx.config, ctx.steps
-  first = run.step if epoch == run.epoch + 1 else 0
-  carry = run.carry if first else steps.shard(task.init_carry(config.batch_size))
-  state, start_sums, before = (
-    run.state,
-    (run.sums if first else {}),
-    (run.seconds if first else 0.0),
-  )
-  sums = bar = start = None
-  done, save_at_end, stop_at_end = first, False, False
-  for index, batch in enumerate(task.train_batches(epoch, key, **_start(first)), first):
-    if index >= task.steps_per_epoch:
-      raise ValueError(
-        f"train_batches yielded more than steps_per_epoch={task.steps_per_epoch} batches"
-      )
-    batch = steps.shard(batch)
-    if start is None:
-      sums = steps.zero_sums(state, carry, batch, key, start_sums)
-      # Compile before the clock starts so epoch times and throughput measure training only.
-      steps.compile(state, carry, sums, batch, key)
-      start = time.perf_counter()
-      desc = f"epoch {epoch}/{config.epochs}"
-      enabled = config.progress and devices.is_primary()
-      bar = ProgressBar(task.steps_per_epoch, desc, task.unit, start, enabled, initial=first)
-    state, carry, sums = steps.train(state, carry, sums, batch, key, index)
-    done = index + 1
-    if done % ctx.log_every == 0 or done == task.steps_per_epoch:
-      host = _host_sums(sums)
-      live = task.summarize(host)
-      where = f"training loss in epoch {epoch} by step {done}"
-      check_finite(live, where, ctx.checkpoints, ctx.base_lr)
-      bar.show(done, live, host["count"] - start_sums.get("count", 0.0))
-    save, stop = ctx.stops.check((epoch - 1) * task.steps_per_epoch + done)
-    if done == task.steps_per_epoch:
-      save_at_end, stop_at_end = save, stop
-    elif save:
-      host = _host_sums(sums)
-      check_finite(task.summarize(host), f"training loss in epoch {epoch}", ctx.checkpoints)
-      seconds = before + time.perf_counter() - start
-      if stop:
-        bar.close()
-      save_inside_epoch(ctx, run, state, carry, host, done, seconds)
-      if stop:
-        raise _preempted(ctx, f"at step {done} of {task.steps_per_epoch} of epoch {epoch}")
-  if done != task.steps_per_epoch:
-    raise ValueError(
-      f"train_batches yielded fewer than steps_per_epoch={task.steps_per_epoch} batches"
-    )
-  jax.block_until_ready(state)
-  seconds = before + (time.perf_counter() - start if start is not None else 0.0)
-  host = _host_sums(sums) if sums is not None else dict(start_sums)
-  if bar is not None:
-    bar.close()
-  return state, EpochTraining(host, seconds, save_at_end, stop_at_end)
-
-
-def _start(first: int) -> dict[str, int]:
-  # Tasks written before runs could stop inside an epoch take no ``start``; they start at 0 only.
-  return {"start": first} if first else {}
 
 
 def evaluate(
@@ -330,7 +117,7 @@ def run_epochs(ctx: Context, run: RunState) -> None:
     record = epoch_record(epoch, task, ctx.setup, trained, evaluation, eval_seconds)
     record_epoch(ctx, run, state, record, save=trained.save)
     if trained.stop and epoch < settings.last_epoch(config):
-      raise _preempted(ctx, f"at the end of epoch {epoch}")
+      raise preempted(ctx, f"at the end of epoch {epoch}")
 
 
 def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[str, Any]]:
@@ -379,8 +166,12 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
         return run.history
       records.write_run_info(task, config, setup, model.num_params, mesh, run)
       records.clear_stopped(config)
+      data = task.train_data()
+      if data is not None:
+        data = steps.place_data(data)
       with Stops(config.checkpoint_every_minutes, sync_every=log_every) as stops:
-        ctx = Context(task, config, setup, steps, checkpoints, stops, log_every)
+        stops.every_call = data is not None
+        ctx = Context(task, config, setup, steps, checkpoints, stops, log_every, data)
         try:
           run_epochs(ctx, run)
         except NonFiniteLossError as e:

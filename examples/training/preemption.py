@@ -58,6 +58,8 @@ class Stops:
   def __init__(self, minutes: float | None = None, sync_every: int = 10):
     self.seconds = None if minutes is None else 60.0 * minutes
     self.sync_every = sync_every
+    # Calls of several steps: the processes compare their clocks after every call.
+    self.every_call = False
     self.reason: str | None = None
     self._signals = 0
     self._saving = False
@@ -99,20 +101,22 @@ class Stops:
 
   # ---- the decisions ----
 
-  def check(self, step: int) -> tuple[bool, bool]:
-    """Whether to save a checkpoint and whether to stop, after the run's ``step``-th step.
+  def check(self, step: int, steps: int = 1) -> tuple[bool, bool]:
+    """Whether to save a checkpoint and whether to stop, after the run's ``step``-th step, the
+    last of ``steps`` that one call ran.
 
-    Every process of a run calls it after every step, with the same ``step``.
+    Every process of a run calls it after every call, with the same numbers.
     """
-    stop = self._stop_requested(step)
+    stop = self._stop_requested(range(step - steps + 1, step + 1))
     return stop or self._clock_due(step), stop
 
-  def _stop_requested(self, step: int) -> bool:
+  def _stop_requested(self, steps: range) -> bool:
     if self._processes == 1:
       return self.reason is not None
     from jax.experimental import multihost_utils
 
-    if multihost_utils.reached_preemption_sync_point(step):
+    # JAX's sync agrees on one step id, and wants to be asked for every one.
+    if any([multihost_utils.reached_preemption_sync_point(step) for step in steps]):
       self.reason = self.reason or "a preemption notice"
     return self.reason is not None
 
@@ -122,7 +126,7 @@ class Stops:
     due = time.monotonic() - self._last_save >= self.seconds
     if self._processes == 1:
       return due
-    if step % self.sync_every:
+    if step % self.sync_every and not self.every_call:
       return False
     return any(devices.all_processes(due))
 

@@ -92,6 +92,22 @@ def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoc
   return nnx.state((model, optimizer)), jax.lax.stop_gradient(carry), sums
 
 
+def _train_chunk(
+  task: Task, graph: nnx.GraphDef, sharded, state, carry, sums, data, order, epoch_key, first, n
+):
+  """Steps ``first`` ... ``first + n - 1`` of an epoch in one program, each cutting its batch from
+  ``data`` (``n`` and ``first`` are runtime values: one program serves every chunk)."""
+
+  def body(step, values):
+    state, carry, sums = values
+    batch = jax.lax.with_sharding_constraint(task.train_batch(data, order, step), sharded)
+    return _train_step(task, graph, state, carry, sums, batch, epoch_key, step)
+
+  state, carry, sums = jax.lax.fori_loop(first, first + n, body, (state, carry, sums))
+  # The sums once more, not donated to the next call: the host reads them while it runs.
+  return state, carry, sums, {k: v + 0.0 for k, v in sums.items()}
+
+
 def _eval_step(task: Task, graph: nnx.GraphDef, state, carry, batch):
   model, _ = nnx.merge(graph, state)
   _, (carry, sums) = task.loss(model, batch, carry, jax.random.key(0), train=False)
@@ -120,7 +136,7 @@ class Steps:
     self.batch_sharded = NamedSharding(mesh, P(devices.MESH_AXES))
     self._task = task
     self._train_graph = model.train_graph
-    state = model.shardings
+    self._state_shardings = state = model.shardings
     # The key and the step index are host values of every process (None: replicated).
     self._train = jax.jit(
       functools.partial(_train_step, task, model.train_graph),
@@ -129,11 +145,54 @@ class Steps:
       out_shardings=(state, self.batch_sharded, self.replicated),
     )
     self._compiled = None
+    self._compiled_chunk = None
     self.eval = jax.jit(
       functools.partial(_eval_step, task, model.eval_graph),
       in_shardings=(state, self.batch_sharded, self.batch_sharded),
       out_shardings=(self.batch_sharded, self.replicated),
     )
+
+  def place_data(self, data: Any) -> Any:
+    """Places a task's :meth:`~Task.train_data` on every device, whole (each process places it on
+    its own devices), and compiles the chunk of steps and the epoch's order for it."""
+    if jax.process_count() == 1:
+      placed = jax.device_put(data, self.replicated)
+    else:
+      placed = jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.replicated), data)
+    self._order = jax.jit(self._task.epoch_order, out_shardings=self.replicated)
+    state = self._state_shardings
+    self._chunk = jax.jit(
+      functools.partial(_train_chunk, self._task, self._train_graph, self.batch_sharded),
+      donate_argnums=(0, 1, 2),
+      in_shardings=(state, self.batch_sharded, self.replicated, self.replicated, self.replicated)
+      + (None,) * 3,
+      out_shardings=(state, self.batch_sharded, self.replicated, self.replicated),
+    )
+    return placed
+
+  def epoch_order(self, epoch_key: jax.Array) -> Any:
+    """The task's order of an epoch's batches, computed on the devices."""
+    return self._order(epoch_key)
+
+  def chunk_sums(self, state: Any, carry: Carry, data: Any, order: Any, key: jax.Array, start):
+    """The metric sums of the task's loss, each at its value in ``start`` or zero (as
+    :meth:`zero_sums`, with the batch the data give)."""
+    batch = jax.eval_shape(self._task.train_batch, data, order, jax.numpy.int32(0))
+    return self.zero_sums(state, carry, batch, key, start)
+
+  def compile_chunk(self, state, carry, sums, data, order, key: jax.Array) -> None:
+    """Compiles the chunk of steps for these shapes, once per run (any ``first`` and ``n``)."""
+    if self._compiled_chunk is None:
+      args = (state, carry, sums, data, order, key, np.int32(0), np.int32(1))
+      self._compiled_chunk = self._chunk.lower(*args).compile()
+
+  def train_chunk(
+    self, state, carry, sums, data, order, key: jax.Array, first: int, n: int
+  ) -> tuple[Any, Carry, Sums, Sums]:
+    """Steps ``first`` to ``first + n - 1`` of the epoch in one call; ``state``, ``carry`` and
+    ``sums`` are donated. Returns them, and a copy of the sums for the host to read."""
+    args = (state, carry, sums, data, order, key, np.int32(first), np.int32(n))
+    return self._compiled_chunk(*args)
 
   def shard(self, tree: Any) -> Any:
     """Places a batch (or carry) with its leading axis split over the devices.

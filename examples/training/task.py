@@ -69,7 +69,7 @@ class Task:
     registry_task: the optimizer registry's task (``"cifar10"``, ``"ptb2"``, ``"ptb3"``): it picks
       the paper's hyperparameters.
     unit: what the batches hold, for throughput: ``"images"`` logs ``images_per_second``.
-    steps_per_epoch: number of batches :meth:`train_batches` yields per epoch.
+    steps_per_epoch: number of batches in an epoch (:meth:`train_batches` or :meth:`train_batch`).
     train_size: training examples per epoch (AdamW's normalized weight decay uses it).
   """
 
@@ -99,6 +99,28 @@ class Task:
     batches in the same order, and a run resumed inside an epoch (``start`` > 0) gets the rest of
     them (exact resumption depends on it).
     """
+    raise NotImplementedError
+
+  def train_data(self) -> Any | None:
+    """The arrays every epoch's batches are cut from, placed on the devices once (replicated), or
+    None (the default) when :meth:`train_batches` yields the batches from the host.
+
+    A task that gives them implements :meth:`epoch_order` and :meth:`train_batch`: the loop then
+    cuts each batch inside the compiled step and runs several steps per call
+    (``--steps-per-call``), with no work on the host between them.
+    """
+    return None
+
+  def epoch_order(self, epoch_key: jax.Array) -> Any:
+    """Traced on the devices: what orders ``epoch``'s batches (e.g. a permutation), from the
+    epoch's key; None when the order never changes."""
+    del epoch_key
+    return None
+
+  def train_batch(self, data: Any, order: Any, step: jax.Array) -> Batch:
+    """Traced inside the compiled step: batch ``step`` (0-based, a traced int32) of the epoch, cut
+    from :meth:`train_data`'s arrays in :meth:`epoch_order`'s order. It must equal the batch
+    :meth:`train_batches` yields at ``step``."""
     raise NotImplementedError
 
   def loss(
