@@ -180,11 +180,19 @@ def train_epoch(
   return _host_epoch(ctx, progress, run.state, carry, key)
 
 
-def steps_per_call(config: LoopConfig, steps_left: int) -> int:
-  """The steps of the next call: ``--steps-per-call``, or by default the rest of the epoch, at
-  most :data:`~examples.training.settings.DEFAULT_STEPS_PER_CALL`."""
-  every = config.steps_per_call or settings.DEFAULT_STEPS_PER_CALL
-  return min(every, steps_left)
+def steps_per_call(config: LoopConfig) -> int:
+  """``--steps-per-call``, or its default: 1 on a CPU (XLA:CPU runs a convolution inside a loop
+  many times slower than outside one), else
+  :data:`~examples.training.settings.DEFAULT_STEPS_PER_CALL`."""
+  if config.steps_per_call is not None:
+    return config.steps_per_call
+  return 1 if jax.default_backend() == "cpu" else settings.DEFAULT_STEPS_PER_CALL
+
+
+def _calls(config: LoopConfig, steps_left: int) -> list[int]:
+  """The steps of each call that runs the ``steps_left`` steps of an epoch."""
+  every = steps_per_call(config)
+  return [every] * (steps_left // every) + ([steps_left % every] if steps_left % every else [])
 
 
 def _device_epoch(
@@ -197,11 +205,12 @@ def _device_epoch(
   done = progress.first
   sums = steps.chunk_sums(state, carry, ctx.data, order, key, progress.start_sums)
   # Compile before the clock starts so epoch times and throughput measure training only.
-  steps.compile_chunk(state, carry, sums, ctx.data, order, key)
+  calls = _calls(ctx.config, spe - done)
+  for loop in sorted({n > 1 for n in calls}):
+    steps.compile_chunk(state, carry, sums, ctx.data, order, key, loop)
   pending = None  # (steps done, the sums then) of the call whose sums are not read yet
   progress.begin()
-  while done < spe:
-    n = steps_per_call(ctx.config, spe - done)
+  for n in calls:
     state, carry, sums, snapshot = steps.train_chunk(
       state, carry, sums, ctx.data, order, key, done, n
     )

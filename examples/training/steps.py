@@ -93,17 +93,35 @@ def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoc
 
 
 def _train_chunk(
-  task: Task, graph: nnx.GraphDef, sharded, state, carry, sums, data, order, epoch_key, first, n
+  task: Task,
+  graph: nnx.GraphDef,
+  sharded,
+  loop: bool,
+  state,
+  carry,
+  sums,
+  data,
+  order,
+  epoch_key,
+  first,
+  n,
 ):
   """Steps ``first`` ... ``first + n - 1`` of an epoch in one program, each cutting its batch from
-  ``data`` (``n`` and ``first`` are runtime values: one program serves every chunk)."""
+  ``data`` (``first`` and ``n`` are runtime values: one program serves every call), or with
+  ``loop`` False the one step ``first``."""
 
   def body(step, values):
     state, carry, sums = values
     batch = jax.lax.with_sharding_constraint(task.train_batch(data, order, step), sharded)
     return _train_step(task, graph, state, carry, sums, batch, epoch_key, step)
 
-  state, carry, sums = jax.lax.fori_loop(first, first + n, body, (state, carry, sums))
+  values = (state, carry, sums)
+  # n is static: one step is the body alone (XLA:CPU runs a convolution inside a loop many times
+  # slower than outside one); more steps are a loop over runtime bounds.
+  if not loop:
+    state, carry, sums = body(first, values)
+  else:
+    state, carry, sums = jax.lax.fori_loop(first, first + n, body, values)
   # The sums once more, not donated to the next call: the host reads them while it runs.
   return state, carry, sums, {k: v + 0.0 for k, v in sums.items()}
 
@@ -145,7 +163,7 @@ class Steps:
       out_shardings=(state, self.batch_sharded, self.replicated),
     )
     self._compiled = None
-    self._compiled_chunk = None
+    self._compiled_chunks: dict[bool, Any] = {}
     self.eval = jax.jit(
       functools.partial(_eval_step, task, model.eval_graph),
       in_shardings=(state, self.batch_sharded, self.batch_sharded),
@@ -161,13 +179,17 @@ class Steps:
       placed = jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.replicated), data)
     self._order = jax.jit(self._task.epoch_order, out_shardings=self.replicated)
     state = self._state_shardings
-    self._chunk = jax.jit(
-      functools.partial(_train_chunk, self._task, self._train_graph, self.batch_sharded),
-      donate_argnums=(0, 1, 2),
-      in_shardings=(state, self.batch_sharded, self.replicated, self.replicated, self.replicated)
-      + (None,) * 3,
-      out_shardings=(state, self.batch_sharded, self.replicated, self.replicated),
-    )
+    chunk = functools.partial(_train_chunk, self._task, self._train_graph, self.batch_sharded)
+    shardings = (state, self.batch_sharded, self.replicated, self.replicated, self.replicated)
+    self._chunks = {
+      loop: jax.jit(
+        functools.partial(chunk, loop),
+        donate_argnums=(0, 1, 2),
+        in_shardings=(*shardings, None, None, None),
+        out_shardings=(state, self.batch_sharded, self.replicated, self.replicated),
+      )
+      for loop in (False, True)
+    }
     return placed
 
   def epoch_order(self, epoch_key: jax.Array) -> Any:
@@ -180,11 +202,12 @@ class Steps:
     batch = jax.eval_shape(self._task.train_batch, data, order, jax.numpy.int32(0))
     return self.zero_sums(state, carry, batch, key, start)
 
-  def compile_chunk(self, state, carry, sums, data, order, key: jax.Array) -> None:
-    """Compiles the chunk of steps for these shapes, once per run (any ``first`` and ``n``)."""
-    if self._compiled_chunk is None:
-      args = (state, carry, sums, data, order, key, np.int32(0), np.int32(1))
-      self._compiled_chunk = self._chunk.lower(*args).compile()
+  def compile_chunk(self, state, carry, sums, data, order, key: jax.Array, loop: bool) -> None:
+    """Compiles the call of one step (``loop`` False) or of several (True) for these shapes, once
+    per run (any ``first`` and number of steps)."""
+    if loop not in self._compiled_chunks:
+      args = (state, carry, sums, data, order, key, np.int32(0), np.int32(2))
+      self._compiled_chunks[loop] = self._chunks[loop].lower(*args).compile()
 
   def train_chunk(
     self, state, carry, sums, data, order, key: jax.Array, first: int, n: int
@@ -192,7 +215,7 @@ class Steps:
     """Steps ``first`` to ``first + n - 1`` of the epoch in one call; ``state``, ``carry`` and
     ``sums`` are donated. Returns them, and a copy of the sums for the host to read."""
     args = (state, carry, sums, data, order, key, np.int32(first), np.int32(n))
-    return self._compiled_chunk(*args)
+    return self._compiled_chunks[n > 1](*args)
 
   def shard(self, tree: Any) -> Any:
     """Places a batch (or carry) with its leading axis split over the devices.
