@@ -44,9 +44,10 @@ CHANGEABLE_ON_RESUME = frozenset({"learning_rate"})
 ADDED_FIELDS = {"dtype": "float32", "state_bits": 32}
 # The compute dtypes of ``--dtype``: activations and the operands of convolutions and matmuls.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-# ``--steps-per-call``'s default: a call runs the rest of the epoch, at most this many steps. One
-# dispatch then costs the host a hundredth of what a step each did, while the progress bar, the
-# non-finite check and a stop on a signal still come every 100 steps at the latest.
+# ``--steps-per-call``'s default on an accelerator: a call runs the rest of the epoch, at most this
+# many steps. One dispatch then costs the host a hundredth of what a step each did, while the
+# progress bar, the non-finite check and a stop on a signal still come every 100 steps at the
+# latest. On a CPU the default is 1 (see examples.training.epoch.steps_per_call).
 DEFAULT_STEPS_PER_CALL = 100
 FLOAT16_WARNING = (
   "warning: --dtype float16 has no loss scaling: gradients below float16's range (6e-8) become 0 "
@@ -127,10 +128,10 @@ class LoopConfig:
   steps_per_call: int | None = cli.setting(
     None,
     metavar="K",
-    help="train steps one call to the devices runs (the same results for any K); the host cuts no "
-    "batch between them. Default: the rest of the epoch, at most "
-    f"{DEFAULT_STEPS_PER_CALL}; 1 is a call per step. Trainers whose batches come from the host "
-    "run one step a call",
+    help="train steps one call to the devices runs, each cutting its batch on the devices (the "
+    "same results for any K). Default: 1 on a CPU (XLA:CPU runs convolutions inside a loop "
+    f"slowly), else the rest of the epoch, at most {DEFAULT_STEPS_PER_CALL}. A task whose batches "
+    "come from the host runs one step a call",
   )
   eval_every: int = cli.setting(
     1,
