@@ -27,7 +27,15 @@ import padam_jax
 from benchmarks import param_trees, protocols
 
 STEPS = ("update-step", "throughput", "gpu-short")
-UPDATE_ROWS = ("padam p=1/8", "padam p traced", "optax amsgrad", "optax adam", "floor (adds only)")
+UPDATE_ROWS = (
+  "padam p=1/8",
+  "padam p traced",
+  "padam p=1/8, bf16 state",
+  "padam p=1/8, 8-bit state",
+  "optax amsgrad",
+  "optax adam",
+  "floor (adds only)",
+)
 FLOOR = "floor (adds only)"
 # Statuses of a tree, row or run: "done"; "skipped" for good (the trainers lack a flag); "not run"
 # (the budget was spent, the data is missing) and "failed" are tried again on a rerun.

@@ -32,10 +32,11 @@ from examples import metrics
 # ---- step 1: the update step ----
 
 
-def moved_bytes(state_arrays: float, param_bytes: int) -> float:
-  """The bytes a step must move at least: per parameter array it reads the gradient, the
-  parameters and ``state_arrays`` state arrays and writes the parameters and the state."""
-  return (3 + 2 * state_arrays) * param_bytes
+def moved_bytes(state_array_bytes: int, param_bytes: int) -> float:
+  """The bytes a step must move at least: it reads the gradient, the parameters and the state's
+  arrays (``state_array_bytes``, in whatever dtype they are kept) and writes the parameters and
+  the state."""
+  return 3 * param_bytes + 2 * state_array_bytes
 
 
 def time_tree(kit: Kit, key: str, name: str, shapes: param_trees.Shapes) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def time_tree(kit: Kit, key: str, name: str, shapes: param_trees.Shapes) -> dict
   peak = kit.device["peak_bandwidth"]
   out = []
   for r in rows:
-    moved = moved_bytes(r.state_arrays, param_bytes)
+    moved = moved_bytes(r.state_array_bytes, param_bytes)
     q1, q3 = np.percentile(r.times, [25, 75])
     out.append(
       {

@@ -209,9 +209,13 @@ class Row:
   times: list[float] = dataclasses.field(default_factory=list)
   state_bytes: int = 0
   state_arrays: float = 0.0  # non-scalar state arrays per parameter array
+  state_array_bytes: int = 0  # the bytes of those arrays (narrower than the parameters' or not)
   hlo: str = ""
   temp_bytes: int = 0  # the step's scratch memory, allocated at every call
   extra: bool = False  # timed only when named by --rows
+
+
+BF16 = jnp.bfloat16
 
 
 def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
@@ -257,6 +261,25 @@ def make_rows(with_torch: bool, torch_decays: tuple[float, ...]) -> list[Row]:
       lambda b: JaxRunner(b, traced(learning_rate=PADAM_LR, p=0.2)),
       extra=True,
     ),
+    # The state kept narrow: every moment in bfloat16 (rounded stochastically), or in 8-bit codes.
+    Row(
+      "padam p=1/8, bf16 state",
+      0.0,
+      lambda b: JaxRunner(b, padam_jax.padam(PADAM_LR, p=P, mu_dtype=BF16, nu_dtype=BF16)),
+      extra=True,
+    ),
+    Row(
+      "padam p=1/8, 8-bit state",
+      0.0,
+      lambda b: JaxRunner(b, padam_jax.with_quantized_state(padam_jax.padam(PADAM_LR, p=P))),
+      extra=True,
+    ),
+    Row(
+      "optax adam, 8-bit state",
+      0.0,
+      lambda b: JaxRunner(b, padam_jax.with_quantized_state(optax.adam(ADAM_LR, B1, B2, EPS))),
+      extra=True,
+    ),
   ]
   if with_torch:
     for decay in torch_decays:
@@ -300,6 +323,7 @@ def measure(
         if row.kind != "torch":
           arrays = [x for x in jax.tree.leaves(runner.state) if x.ndim > 0]
           row.state_arrays = len(arrays) / len(bench.shapes)
+          row.state_array_bytes = sum(x.size * x.dtype.itemsize for x in arrays)
         if row.kind != "torch" and analyse:
           compiled = runner.compiled()
           row.hlo = compiled.as_text()
