@@ -123,7 +123,8 @@ def save_parts(
 
 @dataclasses.dataclass(frozen=True)
 class ThroughputRow:
-  """One trainer-throughput measurement: a task, a model and a dtype."""
+  """One trainer-throughput measurement: a task, a model, a dtype and the steps per call (None:
+  the trainers' default)."""
 
   key: str
   label: str
@@ -132,32 +133,49 @@ class ThroughputRow:
   dtype: str
   steps: int
   batch: int
+  steps_per_call: int | None = None
 
 
 def _throughput_rows(kit: Kit) -> list[ThroughputRow]:
   s = kit.settings
-  return [
-    ThroughputRow(
-      f"cifar10-{dtype}",
-      f"CIFAR-10 {s.cifar_model}, {dtype}",
-      "cifar10",
-      s.cifar_model,
-      dtype,
-      s.cifar_steps,
-      s.cifar_batch,
-    )
-    for dtype in ("float32", "bfloat16")
-  ] + [
-    ThroughputRow(
-      "ptb-float32",
-      f"PTB {s.ptb_model}, float32",
-      "ptb",
-      s.ptb_model,
-      "float32",
-      s.ptb_steps,
-      s.ptb_batch,
-    )
-  ]
+  return (
+    [
+      ThroughputRow(
+        f"cifar10-{dtype}",
+        f"CIFAR-10 {s.cifar_model}, {dtype}",
+        "cifar10",
+        s.cifar_model,
+        dtype,
+        s.cifar_steps,
+        s.cifar_batch,
+      )
+      for dtype in ("float32", "bfloat16")
+    ]
+    + [
+      # One step a call, as the trainers ran before --steps-per-call: the default's gain.
+      ThroughputRow(
+        "cifar10-float32-1",
+        f"CIFAR-10 {s.cifar_model}, float32, 1 step a call",
+        "cifar10",
+        s.cifar_model,
+        "float32",
+        s.cifar_steps,
+        s.cifar_batch,
+        steps_per_call=1,
+      )
+    ]
+    + [
+      ThroughputRow(
+        "ptb-float32",
+        f"PTB {s.ptb_model}, float32",
+        "ptb",
+        s.ptb_model,
+        "float32",
+        s.ptb_steps,
+        s.ptb_batch,
+      )
+    ]
+  )
 
 
 def _cannot_run(kit: Kit, row: ThroughputRow) -> tuple[str, str]:
@@ -182,6 +200,8 @@ def measure_row(kit: Kit, row: ThroughputRow, timeout: float) -> dict[str, Any]:
   from examples.ptb import speed as ptb_speed
 
   extra = ("--dtype", row.dtype)
+  if row.steps_per_call is not None:
+    extra += ("--steps-per-call", str(row.steps_per_call))
   log_path = kit.out / "logs" / f"throughput-{row.key}.log"
   log_path.parent.mkdir(exist_ok=True)
   base = {"key": row.key, "label": row.label, **dataclasses.asdict(row)}

@@ -110,7 +110,7 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   assert accelerator.run_kit(spent) == 0
   assert not trainers
   statuses = [p["status"] for step in STEPS for p in read(spent.out, step)["parts"]]
-  assert statuses.count("not run") == 1 + 3 + 2 and statuses.count("skipped") == 0
+  assert statuses.count("not run") == 1 + 4 + 2 and statuses.count("skipped") == 0
   summary = (spent.out / "summary.md").read_text()
   assert "Not done:" in summary and "of the budget left, a call to train one epoch takes" in summary
 
@@ -129,7 +129,9 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   assert rows["cifar10-float32"]["rate"] == rows["ptb-float32"]["rate"] == 640.0
   bf16 = rows["cifar10-bfloat16"]
   assert bf16["status"] == "done" and "--dtype bfloat16" in bf16["command"]
-  assert len(trainers) == 3
+  assert len(trainers) == 4
+  assert rows["cifar10-float32-1"]["status"] == "done"
+  assert "--steps-per-call 1" in rows["cifar10-float32-1"]["command"]
   assert data.given not in (out / "throughput.json").read_text()  # the data folder shown as DATA
 
   record = read(out, "gpu-short")
