@@ -29,6 +29,17 @@ from examples.training.steps import Steps
 pytestmark = pytest.mark.standard_promotion
 
 RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_on():
+  """SIGINT as an interactive Python has it, whatever this process was started with (a test run
+  started in the background of a script ignores it, and the trainers then leave it ignored)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 TIMING = {"epoch_seconds", "train_seconds", "eval_seconds"}
 
 
@@ -217,3 +228,14 @@ def test_a_workdir_in_use_is_refused_and_ctrl_c_before_training_is_one_line(
   monkeypatch.setattr(input_pipeline, "load_splits", interrupted)
   assert cifar10_main.main(args) == cli.EXIT_INTERRUPTED == 130
   assert capsys.readouterr().err.strip() == "interrupted before training began; nothing was saved"
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+  from examples.training.preemption import Stops
+
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a job started with `&` in a script
+  term = signal.getsignal(signal.SIGTERM)
+  with Stops():
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) not in (term, signal.SIG_IGN)
+  assert signal.getsignal(signal.SIGTERM) is term

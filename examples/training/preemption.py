@@ -73,8 +73,11 @@ class Stops:
     if threading.current_thread() is not threading.main_thread():
       return self
     # Several processes: SIGTERM stays with JAX's preemption notifier; SIGINT is passed on to it.
+    # A signal the process was started to ignore (SIGINT of a job started with `&` in a script)
+    # stays ignored.
     for signum in SIGNALS if self._processes == 1 else (signal.SIGINT,):
-      self._previous[signum] = signal.signal(signum, self._handle)
+      if signal.getsignal(signum) is not signal.SIG_IGN:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
