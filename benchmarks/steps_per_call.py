@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"Machine: {cpu_model()}, {os.cpu_count()} cores, no accelerator. Command: `python -m "
     f"benchmarks.steps_per_call --baseline {args.baseline} --data-dir DIR --repeats "
     f"{args.repeats}`. Load average (1 min) from {min(loads):.1f} to {max(loads):.1f} during the "
-    "runs (other work shared the machine; the rounds interleave the rows).",
+    "runs" + (" (other work shared the machine)" if max(loads) > 2.5 else "") + "; the rounds "
+    "interleave the rows.",
     "",
     "Median over the rounds of the training steps' throughput (images/s, tokens/s for the LSTM); "
     'in brackets, the ratio to "before".',

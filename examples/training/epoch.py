@@ -199,7 +199,8 @@ def _device_epoch(
   ctx: Context, progress: _Progress, state, carry, key
 ) -> tuple[Any, EpochTraining]:
   """The epoch as calls of several steps, each cutting its batches on the devices. The host reads
-  a call's sums only after it has dispatched the next call, so the devices never wait for it."""
+  a call's sums (every ``log_every`` steps, and at the end) only after it has dispatched the next
+  call, so the devices never wait for it."""
   steps, spe = ctx.steps, ctx.task.steps_per_epoch
   order = steps.epoch_order(key)
   done = progress.first
@@ -209,14 +210,16 @@ def _device_epoch(
   for loop in sorted({n > 1 for n in calls}):
     steps.compile_chunk(state, carry, sums, ctx.data, order, key, loop)
   pending = None  # (steps done, the sums then) of the call whose sums are not read yet
+  shown = done  # the steps whose sums were read last: they are read every log_every steps
   progress.begin()
   for n in calls:
     state, carry, sums, snapshot = steps.train_chunk(
       state, carry, sums, ctx.data, order, key, done, n
     )
     done += n
-    if pending is not None:
+    if pending is not None and pending[0] - shown >= ctx.log_every:
       progress.show(*pending)
+      shown = pending[0]
     pending = (done, snapshot)
     progress.after_call(done, n, state, carry, snapshot)
   if pending is not None:
