@@ -9,7 +9,6 @@ the permutation is skipped, so every batch has the same shape); evaluation cover
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -95,8 +94,6 @@ class Cifar10Task(training.Task):
         f"batch size {config.batch_size} exceeds the {self.train_size} training images"
       )
     self._train = train
-    self.x_train = jnp.asarray(train.images)
-    self.y_train = jnp.asarray(train.labels)
     self.splits = {"test": test} if val is None else {"val": val, "test": test}
     self._eval_batches: dict[str, list[dict[str, jax.Array]]] = {}
     arrays = {"x_train": train.images, "y_train": train.labels}
@@ -116,9 +113,13 @@ class Cifar10Task(training.Task):
     self, epoch: int, rng: jax.Array, start: int = 0
   ) -> Iterator[dict[str, jax.Array]]:
     del epoch  # the rng already depends on it
+    # The loop cuts the batches on the devices (train_data, train_batch); this yields the same
+    # batches one at a time, for code that steps by hand.
+    data = jax.tree.map(jnp.asarray, self.train_data())
     order = self.epoch_order(rng)
+    batch = jax.jit(self.train_batch)
     for step in range(start, self.steps_per_epoch):
-      yield _gather(self.x_train, self.y_train, order, step, self.batch_size)
+      yield batch(data, order, jnp.int32(step))
 
   def train_data(self) -> dict[str, np.ndarray]:
     """The training images (uint8) and labels, to live on the devices."""
@@ -170,14 +171,6 @@ class Cifar10Task(training.Task):
 
 def _test_due(test_every: int | None, evaluator: training.Evaluator) -> bool:
   return test_every is None or evaluator.final or evaluator.epoch % test_every == 0
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _gather(
-  images: jax.Array, labels: jax.Array, order: jax.Array, step: int, batch_size: int
-) -> dict[str, jax.Array]:
-  index = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
-  return {"image": images[index], "label": labels[index]}
 
 
 def _padded_batches(

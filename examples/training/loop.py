@@ -169,8 +169,8 @@ def train(task: Task, config: LoopConfig, *, log_every: int = 10) -> list[dict[s
       data = task.train_data()
       if data is not None:
         data = steps.place_data(data)
-      with Stops(config.checkpoint_every_minutes, sync_every=log_every) as stops:
-        stops.every_call = data is not None
+      minutes = config.checkpoint_every_minutes
+      with Stops(minutes, sync_every=log_every, every_call=data is not None) as stops:
         ctx = Context(task, config, setup, steps, checkpoints, stops, log_every, data)
         try:
           run_epochs(ctx, run)

@@ -50,16 +50,16 @@ class Stops:
     minutes: save inside an epoch once this many minutes have passed since the last save, or None.
     sync_every: in a run of several processes, the steps between the checks of the clock (each is
       a collective that agrees on it).
+    every_call: check the clock after every call instead (calls of several steps).
 
   Attributes:
     reason: what stopped the run (``"SIGTERM"``, ...), or None.
   """
 
-  def __init__(self, minutes: float | None = None, sync_every: int = 10):
+  def __init__(self, minutes: float | None = None, sync_every: int = 10, every_call: bool = False):
     self.seconds = None if minutes is None else 60.0 * minutes
     self.sync_every = sync_every
-    # Calls of several steps: the processes compare their clocks after every call.
-    self.every_call = False
+    self.every_call = every_call
     self.reason: str | None = None
     self._signals = 0
     self._saving = False

@@ -348,13 +348,12 @@ def restore_or_start(
   check_same_run(meta["config"], settings.jsonable(config), workdir)
   task.restore_checkpoint_state(meta.get("task", {}))
   inside = meta.get("position") or {}
-  finished = int(meta["epoch"]) >= settings.last_epoch(config) and not inside
   run = RunState(
     state=state,
     root=jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32)),
     history=list(meta["history"]),
     epoch=int(meta["epoch"]),
-    resumptions=[*meta.get("resumptions", []), *([] if finished else [_resumption(meta, config)])],
+    resumptions=[*meta.get("resumptions", []), _resumption(meta, config)],
     step=int(inside.get("step", 0)),
     carry=carry,
     sums={k: float(v) for k, v in inside.get("sums", {}).items()},
