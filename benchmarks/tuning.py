@@ -138,9 +138,14 @@ def grid(
       return Grid(variant, base, scores, (), best)
 
 
+def variant_seeds(variant: Variant, seeds: int) -> int:
+  """How many seeds ``variant`` runs when its protocol runs ``seeds``: its own cap, if smaller."""
+  return seeds if variant.seeds is None else min(seeds, variant.seeds)
+
+
 def seeds_at_choice(protocol: Protocol, variant: Variant, seeds: int) -> range:
   """The seeds run at the chosen rate: 1.. (seed 0 is the grid's), or 0.. for a ``rate_of`` one."""
-  return range(0 if variant.rate_of is not None else 1, seeds)
+  return range(0 if variant.rate_of is not None else 1, variant_seeds(variant, seeds))
 
 
 def plan(
@@ -202,7 +207,7 @@ def result(
     return Result(variant.label, None, {}, {}, {}, {})
   epochs = protocol.config["epochs"]
   test, val, loss, stopped = {}, {}, {}, {}
-  for seed in range(seeds):
+  for seed in range(variant_seeds(variant, seeds)):
     workdir = run_dir(protocol, variant, state.chosen, seed, root)
     if (info := metrics.read_stopped(workdir)) is not None:
       stopped[seed] = int(info.get("after_epoch", 0))
@@ -342,7 +347,7 @@ def chosen_workdirs(
       continue
     folders = [
       str(w)
-      for seed in range(seeds)
+      for seed in range(variant_seeds(variant, seeds))
       if outcome(
         w := run_dir(protocol, variant, state.chosen, seed, root), epochs, protocol.tuning.select
       )
