@@ -401,3 +401,15 @@ def test_command_line_writes_the_metrics(tmp_path, monkeypatch):
   # A missing data folder is one line of error, exit status 2.
   missing = ["--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "other")]
   assert cli_main.main([*missing, "--devices", "1", "--no-progress"]) == 2
+
+
+@pytest.mark.standard_promotion
+def test_test_stream_is_scored_only_when_due(tmp_path):
+  # --test-every 2 over 3 epochs: validation every epoch, the test stream after epochs 2 and 3.
+  config = run_config(tmp_path, epochs=3, test_every=2, train_tokens=200)
+  history = train.train_and_evaluate(config, pattern_corpus(4))
+  assert [("valid_ppl" in r, "test_ppl" in r) for r in history] == [
+    (True, False),
+    (True, True),
+    (True, True),
+  ]

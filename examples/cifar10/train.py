@@ -51,11 +51,6 @@ class Config(training.LoopConfig):
     help="hold out a class-balanced, seeded validation split of this many training images "
     "(disjoint from the training subset), evaluated as val_loss/val_acc",
   )
-  test_every: int | None = cli.setting(
-    None,
-    help="evaluate the test set only every N epochs and after the last one (default: at every "
-    "evaluation)",
-  )
   eval_batch_size: int = cli.setting(
     1000, help="evaluation batch (rounded up to a multiple of the devices)"
   )
@@ -66,7 +61,6 @@ class Config(training.LoopConfig):
     cli.check_int("--train-size", self.train_size, minimum=1, optional=True)
     cli.check_int("--test-size", self.test_size, minimum=1, optional=True)
     cli.check_int("--val-size", self.val_size, minimum=1, optional=True)
-    cli.check_int("--test-every", self.test_every, minimum=1, optional=True)
 
 
 class Cifar10Task(training.Task):
@@ -157,7 +151,7 @@ class Cifar10Task(training.Task):
     """``val_loss``/``val_acc`` (with a validation split) and, when due, ``test_loss``/``test_acc``."""
     record = {}
     for name, split in self.splits.items():
-      if name == "test" and not _test_due(self.test_every, evaluator):
+      if name == "test" and not evaluator.due(self.test_every):
         continue
       if name not in self._eval_batches:
         self._eval_batches[name] = _padded_batches(
@@ -167,10 +161,6 @@ class Cifar10Task(training.Task):
       record[f"{name}_loss"] = sums["loss"] / sums["count"]
       record[f"{name}_acc"] = sums["correct"] / sums["count"]
     return record
-
-
-def _test_due(test_every: int | None, evaluator: training.Evaluator) -> bool:
-  return test_every is None or evaluator.final or evaluator.epoch % test_every == 0
 
 
 def _padded_batches(

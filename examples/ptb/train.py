@@ -113,6 +113,7 @@ class PtbTask(training.Task):
     self.vocab_size = len(corpus.vocab)
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
+    self.test_every = config.test_every
     self.train_windows = input_pipeline.bptt_windows(
       corpus.train, config.batch_size, self.bptt, pad=False
     )
@@ -182,6 +183,8 @@ class PtbTask(training.Task):
   def evaluate(self, evaluator: training.Evaluator) -> dict[str, float]:
     record = {}
     for split, windows in self.evaluation_windows(evaluator.num_devices).items():
+      if split == "test" and not evaluator.due(self.test_every):
+        continue
       batches = (
         {"inputs": windows.inputs[w], "targets": windows.targets[w], "weights": windows.weights[w]}
         for w in range(windows.inputs.shape[0])

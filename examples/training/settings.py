@@ -137,6 +137,11 @@ class LoopConfig:
     1,
     help="evaluate every N epochs and after the last (the other epochs log training metrics only)",
   )
+  test_every: int | None = cli.setting(
+    None,
+    help="evaluate the test set only every N epochs and after the last one (default: at every "
+    "evaluation)",
+  )
   checkpoint_every: int = cli.setting(
     1,
     help="checkpoint every N epochs and after the last one this invocation runs (a killed run "
@@ -168,6 +173,7 @@ class LoopConfig:
     cli.check_int("--seed", self.seed)
     cli.check_int("--devices", self.devices, minimum=1, optional=True)
     cli.check_int("--eval-every", self.eval_every, minimum=1)
+    cli.check_int("--test-every", self.test_every, minimum=1, optional=True)
     cli.check_int("--steps-per-call", self.steps_per_call, minimum=1, optional=True)
     cli.check_int("--checkpoint-every", self.checkpoint_every, minimum=1)
     if self.checkpoint_every_minutes is not None:

@@ -42,6 +42,11 @@ class Evaluator:
     self.epoch = epoch
     self.final = final
 
+  def due(self, every: int | None) -> bool:
+    """Whether an evaluation held to every ``every`` epochs (None: every one) runs now: on those
+    epochs and after the last."""
+    return every is None or self.final or self.epoch % every == 0
+
   def run(self, batches: Iterable[Batch], carry: Carry = None) -> dict[str, float]:
     """Sums the task's metric sums over ``batches`` (in eval mode), threading ``carry`` through.
 
