@@ -230,14 +230,15 @@ def _write_tuned_report(
       title=f"{protocol.name}: {protocol.config.get('model')}, each at its chosen learning rate",
     )
   if series := tuning.grid_points(protocol, protocols.PROTOCOLS, root):
-    select = protocol.tuning.select
+    scale = tuning.select_scale(protocol)
     plot.plot_rates(
       [
-        (label, [(rate, 100 * score) for rate, score in points], chosen)
+        (label, [(rate, scale * score) for rate, score in points], chosen)
         for label, points, chosen in series
       ],
       str(out / "learning_rate_grid.png"),
-      f"final {select} % (seed 0)",
+      f"final {tuning.select_name(protocol)} (seed 0)",
+      yscale="log" if protocol.tuning.lower_is_better else "linear",
       title=f"{protocol.name}: {protocol.config.get('model')}, the learning-rate grid (chosen ringed)",
     )
   return out

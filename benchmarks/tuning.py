@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks import stats
-from benchmarks.protocols import Protocol, Variant, slug
+from benchmarks.protocols import Protocol, Tuning, Variant, slug
 from examples import metrics
 
 
@@ -42,7 +42,7 @@ class Grid:
   Attributes:
     variant: the variant.
     base: its base learning rate (the grid's x1).
-    scores: grid step -> the final ``select`` score of its seed-0 run (``-inf`` if it stopped on a
+    scores: grid step -> the final ``select`` value of its seed-0 run (NaN if it stopped on a
       non-finite loss), for the finished ones.
     pending: grid steps still to run (seed 0).
     chosen: the chosen step, once known.
@@ -88,11 +88,70 @@ def run_dir(
   return root / "runs" / protocol.setting / f"{name}-lr{tag}-seed{seed}"
 
 
-def outcome(workdir: pathlib.Path, epochs: int, select: str) -> float | None:
-  """The run's final ``select`` score; ``-inf`` if it stopped on a non-finite value; None if it is
-  not finished."""
-  if metrics.read_stopped(workdir) is not None:
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """What a task's tuned report shows: the final test and validation metrics and their names.
+
+  Attributes:
+    test, val: the keys of ``metrics.jsonl``.
+    scale: shown as ``scale * value`` (100: a fraction shown in %).
+    test_name, val_name: the table's column names.
+    difference: the unit of a paired difference of ``test``.
+  """
+
+  test: str
+  val: str
+  scale: float
+  test_name: str
+  val_name: str
+  difference: str
+
+
+MEASURES = {
+  "cifar10": Measure(
+    "test_acc",
+    "val_acc",
+    100.0,
+    "test accuracy % (10,000 images)",
+    "validation accuracy %",
+    "test accuracy points",
+  ),
+  "ptb": Measure(
+    "test_ppl",
+    "valid_ppl",
+    1.0,
+    "test perplexity",
+    "validation perplexity",
+    "test perplexity; lower is better",
+  ),
+}
+
+
+def rank(tuning: Tuning, value: float) -> float:
+  """``value`` as a score where higher is better; a non-finite stop (NaN) ranks last."""
+  if math.isnan(value):
     return -math.inf
+  return -value if tuning.lower_is_better else value
+
+
+def shown(protocol: Protocol, value: float) -> str:
+  """A final ``select`` value as the grid table shows it."""
+  if math.isnan(value):
+    return "non-finite"
+  return f"{select_scale(protocol) * value:.1f}"
+
+
+def select_scale(protocol: Protocol) -> float:
+  """The display scale of the selecting metric (100 for an accuracy, else 1)."""
+  measure = MEASURES[protocol.task]
+  return measure.scale if protocol.tuning.select == measure.val else 1.0
+
+
+def outcome(workdir: pathlib.Path, epochs: int, select: str) -> float | None:
+  """The run's final ``select`` value; NaN if it stopped on a non-finite value; None if it is not
+  finished."""
+  if metrics.read_stopped(workdir) is not None:
+    return math.nan
   try:
     history = metrics.read_metrics(workdir)
   except FileNotFoundError:
@@ -129,7 +188,7 @@ def grid(
     if pending:
       return Grid(variant, base, scores, pending, None)
     # The best score, the smaller rate on a tie.
-    best = max(sorted(scores), key=lambda s: scores[s])
+    best = max(sorted(scores), key=lambda s: rank(tuning, scores[s]))
     if best == max(steps) and best < tuning.reach:
       steps.add(best + 1)
     elif best == min(steps) and best > -tuning.reach:
@@ -207,6 +266,7 @@ def result(
     return Result(variant.label, None, {}, {}, {}, {})
   epochs = protocol.config["epochs"]
   test, val, loss, stopped = {}, {}, {}, {}
+  measure = MEASURES[protocol.task]
   for seed in range(variant_seeds(variant, seeds)):
     workdir = run_dir(protocol, variant, state.chosen, seed, root)
     if (info := metrics.read_stopped(workdir)) is not None:
@@ -215,8 +275,8 @@ def result(
     if outcome(workdir, epochs, protocol.tuning.select) is None:
       continue
     last = metrics.read_metrics(workdir)[epochs - 1]
-    test[seed] = 100 * last["test_acc"]
-    val[seed] = 100 * last["val_acc"]
+    test[seed] = measure.scale * last[measure.test]
+    val[seed] = measure.scale * last[measure.val]
     loss[seed] = last["train_loss"]
   rate = learning_rate(protocol, variant, state.chosen)
   return Result(variant.label, rate, test, val, loss, stopped)
@@ -230,12 +290,18 @@ def _rate(value: float) -> str:
   return f"{value:.3g}"
 
 
+def select_name(protocol: Protocol) -> str:
+  """The selecting metric's name with its unit: ``"val_acc %"``, ``"valid_ppl"``."""
+  select = protocol.tuning.select
+  return f"{select} %" if select_scale(protocol) == 100 else select
+
+
 def grid_table(
   protocol: Protocol, protocols: Mapping[str, Protocol], root: pathlib.Path
 ) -> list[str]:
   """The markdown lines of the grid: each rate tried with its final validation score."""
   lines = [
-    f"| variant | rates tried: final {protocol.tuning.select} % (seed 0) | chosen rate |",
+    f"| variant | rates tried: final {select_name(protocol)} (seed 0) | chosen rate |",
     "|---|---|---|",
   ]
   for variant in protocol.variants:
@@ -249,12 +315,7 @@ def grid_table(
     for step in sorted({*state.scores, *state.pending}):
       rate = _rate(learning_rate(protocol, variant, step))
       score = state.scores.get(step)
-      shown = (
-        "not run yet"
-        if score is None
-        else ("non-finite" if score == -math.inf else f"{100 * score:.1f}")
-      )
-      cell = f"{rate}: {shown}"
+      cell = f"{rate}: {'not run yet' if score is None else shown(protocol, score)}"
       cells.append(f"**{cell}**" if step == state.chosen else cell)
     chosen = "" if state.chosen is None else _rate(learning_rate(protocol, variant, state.chosen))
     if state.chosen is not None and abs(state.chosen) == protocol.tuning.reach:
@@ -274,7 +335,7 @@ def grid_points(
     points = [
       (learning_rate(protocol, variant, step), score)
       for step, score in sorted(state.scores.items())
-      if score != -math.inf
+      if not math.isnan(score)
     ]
     if points:
       chosen = None if state.chosen is None else learning_rate(protocol, variant, state.chosen)
@@ -291,9 +352,9 @@ def results_lines(
 ) -> list[str]:
   """The markdown lines of the results at the chosen rates and the paired differences."""
   results = {v.label: result(protocol, v, protocols, root, seeds) for v in protocol.variants}
+  measure = MEASURES[protocol.task]
   lines = [
-    "| variant | rate | seeds | test accuracy % (10,000 images) | validation accuracy % "
-    "| final train loss |",
+    f"| variant | rate | seeds | {measure.test_name} | {measure.val_name} | final train loss |",
     "|---|---|---|---|---|---|",
   ]
   for r in results.values():
@@ -308,7 +369,7 @@ def results_lines(
   if compare:
     lines += [
       "",
-      "| difference (test accuracy points) | seeds paired | mean | 95% interval |",
+      f"| difference ({measure.difference}) | seeds paired | mean | 95% interval |",
       "|---|---|---|---|",
     ]
     for a, b in compare:
@@ -335,6 +396,10 @@ def report(
   return "\n".join(lines) + "\n"
 
 
+def _finite(value: float | None) -> bool:
+  return value is not None and not math.isnan(value)
+
+
 def chosen_workdirs(
   protocol: Protocol, protocols: Mapping[str, Protocol], root: pathlib.Path, seeds: int
 ) -> list[tuple[str, list[str]]]:
@@ -348,10 +413,11 @@ def chosen_workdirs(
     folders = [
       str(w)
       for seed in range(variant_seeds(variant, seeds))
-      if outcome(
-        w := run_dir(protocol, variant, state.chosen, seed, root), epochs, protocol.tuning.select
+      if _finite(
+        outcome(
+          w := run_dir(protocol, variant, state.chosen, seed, root), epochs, protocol.tuning.select
+        )
       )
-      not in (None, -math.inf)
     ]
     if folders:
       groups.append((variant.label, folders))

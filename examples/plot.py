@@ -161,6 +161,7 @@ def plot_rates(
   out: str,
   ylabel: str,
   title: str | None = None,
+  yscale: str = "linear",
 ) -> None:
   """Draws a final score against the learning rate (log scale), one line per label, and saves the
   figure to ``out``: how each optimizer's result depends on its rate, and where its optimum is.
@@ -171,6 +172,7 @@ def plot_rates(
     out: the PNG to write.
     ylabel: what the score is.
     title: an optional figure title.
+    yscale: the score axis's scale, ``"linear"`` or ``"log"`` (perplexities).
   """
   plt = _pyplot()
   rows = _legend_rows(len(series))
@@ -181,7 +183,7 @@ def plot_rates(
     for rate, score in points:
       if rate == chosen:
         axis.plot(rate, score, marker="o", markersize=14, fillstyle="none", color=line.get_color())
-  axis.set(xlabel="learning rate", ylabel=ylabel, xscale="log")
+  axis.set(xlabel="learning rate", ylabel=ylabel, xscale="log", yscale=yscale)
   axis.grid(alpha=0.3, which="both")
   _finish(plt, fig, out, title, axis.get_legend_handles_labels())
 

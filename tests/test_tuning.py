@@ -108,12 +108,57 @@ def test_a_non_finite_run_scores_lowest_and_the_variant_waits_for_its_source(tmp
   stopped = tuning.run_dir(TUNED, TUNED.variants[1], -1, 0, tmp_path)
   stopped.mkdir(parents=True)
   (stopped / metrics.STOPPED_FILE).write_text(json.dumps({"after_epoch": 1, "reason": "nan"}))
-  # x1/3 stopped non-finite (-inf), so x1 is an interior best: chosen; the follower runs there.
-  assert tuning.grid(TUNED, TUNED.variants[1], PROTOCOLS, tmp_path).scores[-1] == -math.inf
+  # x1/3 stopped non-finite (NaN, ranked last), so x1 is an interior best: chosen; the follower runs there.
+  assert math.isnan(tuning.grid(TUNED, TUNED.variants[1], PROTOCOLS, tmp_path).scores[-1])
   jobs = tuning.plan(FOLLOW, PROTOCOLS, tmp_path)
   assert steps_of(jobs, "padam") == [(0, 1)]  # seed 0 at x1 is the tuned grid's own run
   assert steps_of(jobs, "padam wd x2") == [(0, 0), (0, 1)]
   assert jobs[-1].workdir.name == "padam-wd-x2-lrx1-seed1"
+
+
+LM = Protocol(
+  name="lm",
+  task="ptb",
+  setting="lm",
+  config=dict(model="lstm2-small", epochs=EPOCHS),
+  variants=(Variant("sgdm", "sgdm"), Variant("padam", "padam", seeds=1)),
+  tuning=Tuning(seeds=2, select="valid_ppl", lower_is_better=True),
+  compare=(("padam", "sgdm"),),
+)
+
+
+def finish_lm(root, label, step, seed, valid_ppl, test_ppl=100.0):
+  variant = next(v for v in LM.variants if v.label == label)
+  workdir = tuning.run_dir(LM, variant, step, seed, root)
+  workdir.mkdir(parents=True, exist_ok=True)
+  records = [{"epoch": e, "train_loss": 5.0 / e, "valid_ppl": 500.0} for e in range(1, EPOCHS)]
+  records.append({"epoch": EPOCHS, "train_loss": 1.0, "valid_ppl": valid_ppl, "test_ppl": test_ppl})
+  metrics.write_metrics(workdir, records)
+
+
+def test_a_perplexity_grid_picks_the_lowest_and_a_variant_caps_its_seeds(tmp_path):
+  # The lowest final valid_ppl wins; a non-finite run ranks last, not first.
+  for step, ppl in ((-1, 300.0), (0, 200.0), (1, 250.0)):
+    finish_lm(tmp_path, "sgdm", step, 0, ppl, test_ppl=190.0)
+  stopped = tuning.run_dir(LM, LM.variants[1], 1, 0, tmp_path)
+  stopped.mkdir(parents=True)
+  (stopped / metrics.STOPPED_FILE).write_text(json.dumps({"after_epoch": 1, "reason": "nan"}))
+  for step, ppl in ((-1, 260.0), (0, 240.0)):
+    finish_lm(tmp_path, "padam", step, 0, ppl, test_ppl=230.0)
+  assert tuning.grid(LM, LM.variants[0], {"lm": LM}, tmp_path).chosen == 0
+  assert tuning.grid(LM, LM.variants[1], {"lm": LM}, tmp_path).chosen == 0
+  # sgdm runs its second seed; padam, capped at one seed, runs nothing more.
+  assert [(j.variant.label, j.seed) for j in tuning.plan(LM, {"lm": LM}, tmp_path)] == [("sgdm", 1)]
+  finish_lm(tmp_path, "sgdm", 0, 1, 210.0, test_ppl=200.0)
+  text = tuning.report(LM, {"lm": LM}, tmp_path, seeds=2)
+  assert "| variant | rates tried: final valid_ppl (seed 0) | chosen rate |" in text
+  assert "0.333: 300.0, **1: 200.0**, 3: 250.0 | 1 |" in text
+  assert "0.00333: 260.0, **0.01: 240.0**, 0.03: non-finite | 0.01 |" in text
+  assert "| variant | rate | seeds | test perplexity | validation perplexity |" in text
+  assert "| sgdm | 1 | 2 | 195.00 ± 7.07 | 205.00 ± 7.07 | 1.000 ± 0.000 |" in text
+  assert "| padam | 0.01 | 1 | 230.00 | 240.00 | 1.000 |" in text
+  assert "| difference (test perplexity; lower is better) |" in text
+  assert "| padam - sgdm | 1 | +40.00 |  |" in text
 
 
 def test_paired_difference_and_its_interval():
