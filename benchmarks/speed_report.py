@@ -88,7 +88,7 @@ def render(
     for r in rows:
       base_name = "optax amsgrad" if r.weight_decay == 0 else "optax amsgrad + L2"
       base = med[(base_name, r.weight_decay)]
-      q = statistics.quantiles(r.times, n=4)
+      q = _quartiles(r.times)
       state = "-" if r.kind == "floor" else f"{r.state_bytes / 1e6:.1f}"
       ratio = "-" if r.kind == "floor" else f"{r.state_bytes / param_bytes:.3f}"
       out.append(
@@ -131,7 +131,7 @@ def render_rows(benches: list[tuple[Bench, list[Row]]], header: dict[str, str]) 
       "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-      q = statistics.quantiles(r.times, n=4)
+      q = _quartiles(r.times)
       out.append(
         f"| {r.name} | {r.weight_decay:g} | {med[r.name] * 1e3:.1f} "
         f"| {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | {med[r.name] / med[first]:.2f}x "
@@ -198,3 +198,8 @@ def cpu_model() -> str:
   except OSError:
     pass
   return "unknown"
+
+
+def _quartiles(times: list[float]) -> list[float]:
+  """The three quartiles of ``times``; one time is its own quartiles (a run of one round)."""
+  return statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3

@@ -208,9 +208,8 @@ def test_the_grid_figure_has_each_finite_run_of_the_grid_and_the_choice(tmp_path
   assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_commands_rebuild_each_config(tmp_path, monkeypatch):
-  monkeypatch.setattr("benchmarks.protocols.RESULTS", tmp_path)
-  lines = runs.commands(TUNED, seeds=3, data_dir="DIR")
+def test_commands_rebuild_each_config(tmp_path):
+  lines = runs.commands(TUNED, seeds=3, data_dir="DIR", root=tmp_path)
   assert len(lines) == 6
   words = shlex.split(lines[-1])
   assert words[:3] == ["python", "-m", "examples.cifar10"]

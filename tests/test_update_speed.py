@@ -77,3 +77,10 @@ def test_elementwise_exp_and_log_are_counted_per_element():
     assert summary.elements[kind] == 16, (kind, summary)
   table = speed_report.hlo_table(*compiled_rows(["padam p traced"]), param_bytes=60)
   assert "exponential-minus-one" in table[2] and "0.13 (2)" in table[4]
+
+
+def test_one_round_has_its_time_as_every_quartile():
+  from benchmarks import speed_report
+
+  assert speed_report._quartiles([0.5]) == [0.5, 0.5, 0.5]
+  assert speed_report._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [1.5, 3.0, 4.5]
