@@ -6,8 +6,9 @@
 ``pip install -e ".[examples]"``.
 
 Each RUN_DIR is a trainer's ``--workdir`` (or its ``metrics.jsonl``), read with
-:func:`examples.metrics.read_metrics`. Image runs plot ``train_loss`` and ``1 - test_acc``; language
-model runs (no ``test_acc``) plot ``train_loss`` and ``test_ppl``.
+:func:`examples.metrics.read_metrics`. Image runs plot ``train_loss`` and the validation error
+``1 - val_acc`` (with a validation split), else the test error ``1 - test_acc``; language model runs
+plot ``train_loss`` and the validation perplexity ``valid_ppl`` (else ``test_ppl``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _label(workdir: str) -> str:
 RIGHT_KEYS = (
   ("val_acc", "validation error"),
   ("test_acc", "test error"),
+  ("valid_ppl", "validation perplexity"),
   ("test_ppl", "test perplexity"),
 )
 

@@ -278,6 +278,17 @@ def test_plot_draws_seed_groups_as_mean_and_range(tmp_path, monkeypatch):
     plot.plot([[]], str(out))
 
 
+def test_plot_draws_validation_perplexity_when_the_test_text_is_scored_once(tmp_path):
+  from examples import plot
+
+  records = [{"epoch": e, "train_loss": 5.0 / e, "valid_ppl": 300.0 / e} for e in (1, 2, 3)]
+  records[-1]["test_ppl"] = 90.0
+  metrics.write_metrics(tmp_path, records)
+  epochs, _, evaluated, right, name = plot._curves([str(tmp_path)])
+  assert (epochs, evaluated, name) == ([1, 2, 3], [1, 2, 3], "validation perplexity")
+  assert right == [[300.0, 150.0, 100.0]]
+
+
 def test_plot_refuses_missing_runs_mixed_runs_and_mixed_kinds_in_one_line(tmp_path, capsys):
   from examples import plot
 
