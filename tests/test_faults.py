@@ -8,6 +8,7 @@ never overwritten, exit statuses) on a CIFAR-10 model small enough to compile in
 
 import dataclasses
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -207,9 +208,10 @@ def test_the_command_line_refuses_to_mix_runs_and_overwrites_when_asked(cifar, t
   assert cifar10_main.main(cifar) == cli.EXIT_OK
   first = metrics.read_metrics(tmp_path / "run")
   run = metrics.read_run(tmp_path / "run")
-  assert not os.path.isabs(run["config"]["workdir"]) and not os.path.isabs(
-    run["config"]["data_dir"]
-  )
+  for name in ("workdir", "data_dir"):  # no path of the machine: relative, never above the folder
+    recorded = pathlib.PurePath(run["config"][name])
+    assert not recorded.is_absolute() and ".." not in recorded.parts, recorded
+  assert pathlib.PurePath(run["config"]["data_dir"]).name == "data"
   assert run["data"]["files"] == ["cifar10.npz"] and len(run["data"]["sha256"]) == 64
   capsys.readouterr()
   refused = [

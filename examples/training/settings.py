@@ -206,13 +206,21 @@ def last_epoch(config: LoopConfig) -> int:
 
 
 def relative(path: str | os.PathLike | None) -> str | None:
-  """``path`` relative to the current folder (run.json records no absolute path of the machine)."""
+  """``path`` relative to the current folder when it lies inside it, else its last name only:
+  run.json records no path of the machine outside the folder the run was started from.
+
+    >>> relative("runs/a"), relative("/elsewhere/data/ptb")
+    ('runs/a', 'ptb')
+  """
   if path is None:
     return None
   try:
-    return os.path.relpath(os.path.abspath(path))
+    inside = os.path.relpath(os.path.abspath(path))
   except ValueError:  # another drive (Windows)
-    return pathlib.Path(path).name
+    inside = os.pardir
+  if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+    return pathlib.Path(os.path.abspath(path)).name
+  return inside
 
 
 def jsonable(config: LoopConfig) -> dict[str, Any]:
