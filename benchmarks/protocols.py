@@ -212,15 +212,17 @@ _PTB_TUNED_ABOUT = (
   "which is tuned: each optimizer's rate is chosen among x1/3, x1 and x3 of its base rate by the "
   "final perplexity on PTB's own validation text (all of it, 73,760 tokens) of seed 0 (the grid "
   "grows by x3 past an edge that holds the best, up to x1/81 or x81, since p = 1/8's base rate "
-  "is interpolated, not measured); seeds 1 and 2 then run at the chosen rate. The test text is scored once, after the last epoch, and nothing is chosen by "
-  "it. Padam runs at the paper's 2-layer p = 0.4 (base rate 0.01, the registry's) and at p = 1/8 "
+  "is interpolated, not measured); seeds 1 and 2 then run at the chosen rate. The test text is "
+  "scored once, after the last epoch, and nothing is chosen by it. Padam runs at the paper's "
+  "2-layer p = 0.4 (base rate 0.01, the registry's) and at p = 1/8 "
   "(base rate 0.237, log-linear in p between SGD-M's 1 at p -> 0 and Padam's 0.01 at p = 0.4). "
   "A seed draws the initialization and the batch order. Why this size: two runs at a time on "
   "the 2-core CPU train ~3,000 tokens/s each, so ~10 minutes a run buys 1.8M tokens; ptb-mini's "
   "4 passes over the same 300,000 tokens left every optimizer still improving, so 6 passes, "
   "with 2,250 steps after the first decay, let the decays act and the rates separate, while "
-  "the grids and seeds (31 runs, 6.2 hours of run time) fit in about 3 hours two at a time. Like ptb-mini it is far from the paper's converged "
-  "perplexities (its 2-layer LSTM trains 200 epochs on all 929k tokens, with dropout)."
+  "the grids and seeds (31 runs, 6.2 hours of run time) fit in about 3 hours two at a time. "
+  "Like ptb-mini it is far from the paper's converged perplexities (its 2-layer LSTM trains 200 "
+  "epochs on all 929k tokens, with dropout)."
 )
 
 PROTOCOLS: dict[str, Protocol] = {

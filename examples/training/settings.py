@@ -214,13 +214,8 @@ def relative(path: str | os.PathLike | None) -> str | None:
   """
   if path is None:
     return None
-  try:
-    inside = os.path.relpath(os.path.abspath(path))
-  except ValueError:  # another drive (Windows)
-    inside = os.pardir
-  if inside == os.pardir or inside.startswith(os.pardir + os.sep):
-    return pathlib.Path(os.path.abspath(path)).name
-  return inside
+  absolute, here = pathlib.Path(os.path.abspath(path)), pathlib.Path.cwd()
+  return str(absolute.relative_to(here)) if absolute.is_relative_to(here) else absolute.name
 
 
 def jsonable(config: LoopConfig) -> dict[str, Any]:
