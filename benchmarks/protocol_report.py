@@ -229,6 +229,8 @@ def _write_tuned_report(
       [label for label, _ in groups],
       title=f"{protocol.name}: {protocol.config.get('model')}, each at its chosen learning rate",
     )
+  if protocol.figure == "batch":
+    _write_batch_figure(protocol, out, seeds, root, plot)
   if series := tuning.grid_points(protocol, protocols.PROTOCOLS, root):
     scale = tuning.select_scale(protocol)
     plot.plot_rates(
@@ -242,6 +244,27 @@ def _write_tuned_report(
       title=f"{protocol.name}: {protocol.config.get('model')}, the learning-rate grid (chosen ringed)",
     )
   return out
+
+
+def _write_batch_figure(
+  protocol: Protocol, out: pathlib.Path, seeds: int, root: pathlib.Path, plot: Any
+) -> None:
+  """``test_by_batch_size.png``: each optimizer's final test metric at its chosen rate against the
+  batch size (a variant's label is the optimizer's with `` bN`` appended)."""
+  lines: dict[str, list[tuple[int, list[float]]]] = {}
+  for variant in protocol.variants:
+    found = tuning.result(protocol, variant, protocols.PROTOCOLS, root, seeds)
+    if found.test:
+      name = variant.label.rsplit(" b", 1)[0]
+      lines.setdefault(name, []).append((variant.config["batch_size"], list(found.test.values())))
+  if lines:
+    measure = tuning.MEASURES[protocol.task]
+    plot.plot_batch_sizes(
+      list(lines.items()),
+      str(out / "test_by_batch_size.png"),
+      f"final {measure.test_name}",
+      title=f"{protocol.name}: {protocol.config.get('model')}, each at its chosen learning rate",
+    )
 
 
 def has_runs(protocol: Protocol, seeds: int, root: pathlib.Path = RESULTS) -> bool:

@@ -89,7 +89,8 @@ class Protocol:
     variants: the table's lines.
     seeds: how many seeds (0, 1, ...) by default.
     paper: the paper's number per optimizer for the same cell, and what that cell is.
-    figure: ``"curves"`` (the paper's Figure 2) or ``"psweep"`` (its Figure 1).
+    figure: ``"curves"`` (the paper's Figure 2), ``"psweep"`` (its Figure 1) or ``"batch"`` (the
+      curves, and the final test metric against the batch size per optimizer).
     about: why this design, printed at the top of the table.
     tuning: for a tuned protocol, how each variant's learning rate is chosen (see
       :mod:`benchmarks.tuning`); None: the registry's rates.
@@ -113,7 +114,10 @@ class Protocol:
     """The optimizer registry's task (its hyperparameters) for this protocol's runs."""
     if self.task == "cifar10":
       return "cifar10"
-    return "ptb3" if str(self.config.get("model", "")).startswith("lstm3") else "ptb2"
+    model = str(self.config.get("model", ""))
+    if model.startswith("transformer"):
+      return "lm"
+    return "ptb3" if model.startswith("lstm3") else "ptb2"
 
 
 def _seven() -> tuple[Variant, ...]:
@@ -223,6 +227,63 @@ _PTB_TUNED_ABOUT = (
   "the grids and seeds (31 runs, 6.2 hours of run time) fit in about 3 hours two at a time. "
   "Like ptb-mini it is far from the paper's converged perplexities (its 2-layer LSTM trains 200 "
   "epochs on all 929k tokens, with dropout)."
+)
+
+_TRANSFORMER_TUNED = dict(
+  model="transformer-small", epochs=3, train_tokens=300_000, test_every=3, eval_batch_size=10
+)
+# The two batch sizes of transformer-tuned (sequences of 64 tokens): the same tokens, 8x the steps.
+TRANSFORMER_BATCHES = (8, 64)
+# Padam's x1 rate at p = 1/4 on lm: log-linear in 2p between SGD-M's 0.3 (p -> 0) and AdamW's 1e-3
+# (p = 1/2), as the registry's p = 1/8 rate (0.0721).
+_LM_P4_RATE = float(f"{0.3 * (1e-3 / 0.3) ** 0.5:.3g}")
+
+
+def _transformer_variants() -> tuple[Variant, ...]:
+  variants = []
+  for batch in TRANSFORMER_BATCHES:
+    size = {"batch_size": batch}
+    variants += [
+      Variant(f"adamw b{batch}", "adamw", config=size),
+      Variant(f"sgdm b{batch}", "sgdm", config=size),
+      Variant(f"padamw p=1/8 b{batch}", "padamw", {"p": 0.125}, config=size),
+      Variant(f"padamw p=1/4 b{batch}", "padamw", {"p": 0.25}, base_lr=_LM_P4_RATE, config=size),
+    ]
+  return tuple(variants)
+
+
+def _transformer_compare() -> tuple[tuple[str, str], ...]:
+  pairs = []
+  for batch in TRANSFORMER_BATCHES:
+    pairs += [
+      (f"padamw p=1/8 b{batch}", f"adamw b{batch}"),
+      (f"padamw p=1/8 b{batch}", f"sgdm b{batch}"),
+      (f"sgdm b{batch}", f"adamw b{batch}"),
+      (f"padamw p=1/8 b{batch}", f"padamw p=1/4 b{batch}"),
+    ]
+  return tuple(pairs)
+
+
+_TRANSFORMER_TUNED_ABOUT = (
+  "transformer-small (a GPT-style decoder: 4 pre-LayerNorm layers, width 128, 4 heads, context "
+  "64, tied softmax, 2.1M parameters) on the first 300,000 training tokens of PTB, cut into "
+  "4,687 windows of 64 tokens that carry nothing across windows and are shuffled every epoch; 3 "
+  "epochs (0.9M tokens) at two batch sizes with the same tokens: 8 windows a step (512 tokens, "
+  "585 steps an epoch, 1,755 in all) and 64 (4,096 tokens, 73 steps an epoch, 219 in all). The "
+  "registry's lm task: linear warmup over the first 10% of the steps, cosine decay to 10% of the "
+  "peak, clipping at global norm 1, b2 0.95, decoupled weight decay on the matrices only "
+  "(1e-4 x the schedule's multiplier per step: optax.adamw's 0.1 at AdamW's base rate), the same "
+  "for every optimizer and rate. AdamW, SGD-M and PadamW at p = 1/8 and 1/4, each at each batch "
+  "size with its own rate, chosen among x1/3, x1 and x3 of its base rate by the final perplexity "
+  "on PTB's whole validation text of seed 0 (the grid grows by x3 past an edge that holds the "
+  "best, up to x1/27 or x27); seeds 1 and 2 then run at the chosen rate. Base rates: AdamW 1e-3, "
+  "SGD-M 0.3, Padam 0.0721 at p = 1/8 and 0.0173 at p = 1/4 (log-linear in 2p between SGD-M at "
+  "p -> 0 and AdamW at p = 1/2), the same at both batch sizes. The test text is scored once, "
+  "after the last epoch; every (input, target) pair of the validation and test texts is scored "
+  "once, with the context its window gives it, so the perplexities compare optimizers on this "
+  "model, not language models. A seed draws the initialization and the window order. Why this "
+  "size: a run takes about 10 minutes two at a time on the 2-core CPU. It is early training of "
+  "a small model on a small corpus: far from the scale where the Adam-SGD gap is reported."
 )
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -374,6 +435,17 @@ PROTOCOLS: dict[str, Protocol] = {
       ),
       paper=("paper: 2-layer LSTM, 200 epochs", PAPER_PTB_PPL["lstm2"]),
       about=_PTB_TUNED_ABOUT,
+    ),
+    Protocol(
+      name="transformer-tuned",
+      task="ptb",
+      setting="transformer-tuned",
+      config=_TRANSFORMER_TUNED,
+      variants=_transformer_variants(),
+      tuning=Tuning(reach=3, select="valid_ppl", lower_is_better=True),
+      compare=_transformer_compare(),
+      figure="batch",
+      about=_TRANSFORMER_TUNED_ABOUT,
     ),
     Protocol(
       name="gpu-short",

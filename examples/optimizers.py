@@ -23,8 +23,25 @@ Hyperparameters are those of Section 5 of Chen et al. (IJCAI 2020):
   AdaBound final lr 10 / 100; AdamW normalized weight decay 4e-4; b2 0.999.
   The paper gives no L2 weight decay for the language models: 0 here.
 
-Every learning rate follows the paper's step decay: x0.1 after 50% and 75% of
-the steps (epochs 100 and 150 of 200). AdamW's decay is Loshchilov & Hutter's:
+On these three tasks every learning rate follows the paper's step decay: x0.1
+after 50% and 75% of the steps (epochs 100 and 150 of 200).
+
+The fourth task, ``lm`` (transformer language models, not in the paper), takes
+what transformer training uses instead: a linear warmup from 0 over the first
+10% of the steps, then a cosine decay to 10% of the peak rate at the last step
+(:func:`warmup_cosine_schedule`); b2 0.95 for every adaptive method (the value
+GPT-style training uses, as the second moment then follows the loss spikes of
+early training within ~20 steps; Padam gets the same so that only p differs);
+and weight decay decoupled from the gradient on matrices only. SGD-M, AdamW and
+PadamW (:data:`DECOUPLED`) decay each parameter the mask selects by
+``(lr_t / lr_0) * weight_decay`` per step after the optimizer's update, with
+``weight_decay`` 1e-4: optax.adamw's ``weight_decay=0.1`` at AdamW's base rate
+1e-3, the same for every optimizer and every learning rate (a grid over rates
+tunes the step, not the decay). The mask is the trainer's (its matrices, not its
+embeddings, biases or norms), else every leaf of two or more dimensions. Adam,
+Padam and the rest decay nothing there. Base rates: AdamW and Adam 1e-3, SGD-M
+0.3, Padam 0.0721 at p = 1/8 (log-linear in 2p between SGD-M's 0.3 at p -> 0
+and AdamW's 1e-3 at p = 1/2). Clipping at global norm 1 is the trainer's. AdamW's decay is Loshchilov & Hutter's:
 ``lambda = lambda_norm * sqrt(batch_size / (train_size * epochs))``, applied per
 step as ``x <- x - (lr_t / lr_0) * lambda * x`` (it follows the schedule
 multiplier, not the learning rate itself).
@@ -58,10 +75,17 @@ import optax
 
 import padam_jax
 
-TASKS = ("cifar10", "ptb2", "ptb3")
+TASKS = ("cifar10", "ptb2", "ptb3", "lm")
 
 DECAY_FACTOR = 0.1
 DECAY_FRACTIONS = (0.5, 0.75)
+# The ``lm`` task's schedule: linear warmup over this fraction of the steps, cosine decay to this
+# fraction of the peak.
+WARMUP_FRACTION = 0.1
+COSINE_END = 0.1
+# Tasks whose weight decay is decoupled and masked, and the optimizers that apply it there.
+DECOUPLED_TASKS = frozenset({"lm"})
+DECOUPLED = frozenset({"sgdm", "adamw", "padamw"})
 
 # Hyperparameters that name a dtype: ``mu_dtype``, the dtype the first moment (or momentum buffer)
 # is kept in, and ``nu_dtype``, the second moment's (and AMSGrad's running maximum's); None (the
@@ -144,6 +168,25 @@ def step_decay_schedule(learning_rate: float, total_steps: int) -> optax.Schedul
   return schedule
 
 
+def warmup_cosine_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
+  """The ``lm`` task's schedule: from 0 up to ``learning_rate`` linearly over the first
+  ``WARMUP_FRACTION`` of ``total_steps`` (at least one step), then a cosine down to ``COSINE_END``
+  times it at the last step (``optax.warmup_cosine_decay_schedule``)."""
+  warmup = max(1, int(WARMUP_FRACTION * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=COSINE_END * learning_rate,
+  )
+
+
+def matrices(params: Any) -> Any:
+  """The default weight-decay mask of the ``lm`` task: True for leaves of two or more dimensions."""
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
 def normalized_weight_decay(
   weight_decay_normalized: float, batch_size: int, train_size: int, epochs: int
 ) -> float:
@@ -166,6 +209,7 @@ def make_optimizer(
   train_size: int | None = None,
   learning_rate: float | None = None,
   state_bits: int = 32,
+  weight_decay_mask: Any = None,
   **overrides: Any,
 ) -> OptimizerSetup:
   """Builds optimizer ``name`` with the paper's hyperparameters for ``task``.
@@ -180,6 +224,8 @@ def make_optimizer(
     learning_rate: optional base learning rate replacing the paper's.
     state_bits: one of :data:`STATE_BITS`: 16 sets every moment's dtype to bfloat16, 8 wraps the
       optimizer in ``padam_jax.with_quantized_state``.
+    weight_decay_mask: on a task with decoupled decay (``lm``), which parameters decay: a pytree
+      of bools or a function of the parameters returning one (default: :func:`matrices`).
     **overrides: any other hyperparameter of :func:`paper_hyperparams`.
 
   Returns:
@@ -204,7 +250,11 @@ def make_optimizer(
       raise ValueError(f"{arg} must be a positive int, got {value!r}")
   total_steps = steps_per_epoch * epochs
   lr0 = float(hyperparams["learning_rate"])
-  schedule = step_decay_schedule(lr0, total_steps)
+  lm = task in DECOUPLED_TASKS
+  if lm:
+    schedule = warmup_cosine_schedule(lr0, total_steps)
+  else:
+    schedule = step_decay_schedule(lr0, total_steps)
 
   if name == "adamw" and hyperparams["weight_decay"] is None:
     _check_sizes(name, batch_size, train_size)
@@ -223,7 +273,18 @@ def make_optimizer(
     hyperparams["anneal_steps"] = max(1, int(hyperparams["anneal_fraction"] * total_steps))
     schedule = _rising(schedule, hyperparams)
 
-  tx = entry.build(schedule, dict(hyperparams))
+  decoupled = lm and name in DECOUPLED and hyperparams["weight_decay"] != 0
+  # A decoupled decay is added after the optimizer's own update (its builder decays nothing).
+  tx = entry.build(schedule, {**hyperparams, "weight_decay": 0.0} if lm else dict(hyperparams))
+  if decoupled:
+    decay = hyperparams["weight_decay"]
+    tx = optax.chain(
+      tx,
+      optax.add_decayed_weights(
+        lambda count: -decay * schedule(count) / lr0,
+        matrices if weight_decay_mask is None else weight_decay_mask,
+      ),
+    )
   if state_bits == 8:
     tx = padam_jax.with_quantized_state(tx)
   log = {
@@ -231,13 +292,24 @@ def make_optimizer(
     "task": task,
     **{k: _jsonable(v) for k, v in hyperparams.items()},
     **({"state_bits": state_bits} if state_bits != 32 else {}),
-    "schedule": "step_decay",
-    "decay_boundaries": [[b, s] for b, s in sorted(step_decay_boundaries(total_steps).items())],
+    **_schedule_log(lm, total_steps),
+    **({"weight_decay_style": "decoupled, masked"} if decoupled else {}),
     "total_steps": total_steps,
     "batch_size": batch_size,
     "train_size": train_size,
   }
   return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
+
+
+def _schedule_log(lm: bool, total_steps: int) -> dict[str, Any]:
+  if lm:
+    return {
+      "schedule": "warmup_cosine",
+      "warmup_steps": max(1, int(WARMUP_FRACTION * total_steps)),
+      "cosine_end": COSINE_END,
+    }
+  boundaries = sorted(step_decay_boundaries(total_steps).items())
+  return {"schedule": "step_decay", "decay_boundaries": [[b, s] for b, s in boundaries]}
 
 
 def dtype_name(value: Any) -> str | None:
@@ -409,7 +481,8 @@ Builder = Callable[[optax.Schedule, dict[str, Any]], optax.GradientTransformatio
 
 
 class PerTask(dict):
-  """A hyperparameter whose value depends on the task: ``PerTask(cifar10=..., ptb2=..., ptb3=...)``."""
+  """A hyperparameter whose value depends on the task: ``PerTask(cifar10=..., ptb2=..., ptb3=...,
+  lm=...)``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,18 +509,26 @@ class Entry:
     return {k: v[task] if isinstance(v, PerTask) else v for k, v in self.hyperparams.items()}
 
 
-def _tasks(cifar10: Any, ptb2: Any, ptb3: Any) -> PerTask:
-  return PerTask(cifar10=cifar10, ptb2=ptb2, ptb3=ptb3)
+def _tasks(cifar10: Any, ptb2: Any, ptb3: Any, lm: Any) -> PerTask:
+  return PerTask(cifar10=cifar10, ptb2=ptb2, ptb3=ptb3, lm=lm)
 
 
-# Values that differ between tasks, from the paper's Section 5.
-_PADAM_LR = _tasks(0.1, 0.01, 1.0)
-_PADAM_P = _tasks(0.125, 0.4, 0.2)
-_L2 = _tasks(5e-4, 0.0, 0.0)
-_ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+# Values that differ between tasks, from the paper's Section 5 (and, for lm, from transformer
+# training: see the module's docstring).
+_LM_SGDM_LR = 0.3
+_LM_ADAM_LR = 1e-3
+# Padam's lm rate at p = 1/8: log-linear in 2p between SGD-M (p -> 0) and AdamW (p = 1/2).
+_LM_PADAM_LR = float(f"{_LM_SGDM_LR * (_LM_ADAM_LR / _LM_SGDM_LR) ** 0.25:.3g}")
+_PADAM_LR = _tasks(0.1, 0.01, 1.0, _LM_PADAM_LR)
+_PADAM_P = _tasks(0.125, 0.4, 0.2, 0.125)
+_L2 = _tasks(5e-4, 0.0, 0.0, 0.0)
+# SGD-M's and PadamW's weight decay: coupled L2 on the paper's tasks, decoupled on lm (see above).
+_DECAY = _tasks(5e-4, 0.0, 0.0, 1e-4)
+_B2 = _tasks(0.999, 0.999, 0.999, 0.95)
+_ADAM = {"b1": 0.9, "b2": _B2, "eps": 1e-8}
 _BOUND = {
   "learning_rate": 1e-3,
-  "final_lr": _tasks(0.1, 10.0, 100.0),
+  "final_lr": _tasks(0.1, 10.0, 100.0, _LM_SGDM_LR),
   **_ADAM,
   "gamma": 1e-3,
   "weight_decay": _L2,
@@ -469,10 +550,10 @@ REGISTRY: dict[str, Entry] = {
   "sgdm": Entry(
     _sgdm,
     {
-      "learning_rate": _tasks(0.1, 1.0, 10.0),
+      "learning_rate": _tasks(0.1, 1.0, 10.0, _LM_SGDM_LR),
       "momentum": 0.9,
       "nesterov": False,
-      "weight_decay": _L2,
+      "weight_decay": _DECAY,
       "mu_dtype": None,
     },
   ),
@@ -481,7 +562,7 @@ REGISTRY: dict[str, Entry] = {
     {
       "learning_rate": 1e-3,
       "b1": 0.9,
-      "b2": _tasks(0.99, 0.999, 0.999),
+      "b2": _tasks(0.99, 0.999, 0.999, 0.95),
       "eps": 1e-8,
       "weight_decay": _L2,
       "mu_dtype": None,
@@ -492,7 +573,7 @@ REGISTRY: dict[str, Entry] = {
     {
       "learning_rate": 1e-3,
       "b1": 0.9,
-      "b2": _tasks(0.99, 0.999, 0.999),
+      "b2": _tasks(0.99, 0.999, 0.999, 0.95),
       "eps": 1e-8,
       "weight_decay": _L2,
       "mu_dtype": None,
@@ -504,17 +585,17 @@ REGISTRY: dict[str, Entry] = {
     {
       "learning_rate": 1e-3,
       **_ADAM,
-      "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4),
-      "weight_decay": None,
+      "weight_decay_normalized": _tasks(0.025, 4e-4, 4e-4, None),
+      "weight_decay": _tasks(None, None, None, 1e-4),
       "mu_dtype": None,
     },
   ),
   "yogi": Entry(
     _yogi,
     {
-      "learning_rate": _tasks(1e-3, 0.01, 0.1),
+      "learning_rate": _tasks(1e-3, 0.01, 0.1, 1e-2),
       "b1": 0.9,
-      "b2": 0.999,
+      "b2": _B2,
       "eps": 1e-3,
       "weight_decay": _L2,
     },
@@ -527,7 +608,7 @@ REGISTRY: dict[str, Entry] = {
     {
       "learning_rate": PerTask({t: lr * (1 - 0.9) for t, lr in _PADAM_LR.items()}),
       "p": _PADAM_P,
-      "decay": 0.999,
+      "decay": _B2,
       "eps": 1e-8,
       "momentum": 0.9,
       "weight_decay": _L2,
@@ -561,7 +642,9 @@ REGISTRY: dict[str, Entry] = {
     group="family",
   ),
   "padamw": Entry(
-    _family("padamw"), {**_PARTIAL_ADAM, "weight_decay_normalized": None}, group="family"
+    _family("padamw"),
+    {**_PARTIAL_ADAM, "weight_decay": _DECAY, "weight_decay_normalized": None},
+    group="family",
   ),
   "amsbound": Entry(_bound("amsbound"), _BOUND, group="extra"),
   "padam_annealed": Entry(

@@ -190,6 +190,43 @@ def plot_rates(
   _finish(plt, fig, out, title, axis.get_legend_handles_labels())
 
 
+def plot_batch_sizes(
+  series: Sequence[tuple[str, Sequence[tuple[int, Sequence[float]]]]],
+  out: str,
+  ylabel: str,
+  title: str | None = None,
+) -> None:
+  """Draws a final score against the batch size (log scale), one line per label through the means
+  over seeds, each point's bar spanning its lowest and highest seed, and saves it to ``out``.
+
+  Args:
+    series: ``(label, [(batch size, [score of each seed, ...]), ...])`` per line.
+    out: the PNG to write.
+    ylabel: what the score is.
+    title: an optional figure title.
+  """
+  plt = _pyplot()
+  import numpy as np
+
+  rows = _legend_rows(len(series))
+  fig, axis = plt.subplots(figsize=(7, 4.2 + 0.3 * rows), layout="constrained")
+  for label, points in series:
+    points = sorted((size, np.asarray(values, float)) for size, values in points if len(values))
+    sizes = [size for size, _ in points]
+    means = np.array([values.mean() for _, values in points])
+    spread = np.array([[m - v.min(), v.max() - m] for m, (_, v) in zip(means, points, strict=True)])
+    seeds = sorted({len(v) for _, v in points})
+    shown = f"{label} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})"
+    axis.errorbar(
+      sizes, means, yerr=spread.T if len(points) else None, marker="o", capsize=4, label=shown
+    )
+  axis.set(xlabel="batch size (sequences a step; same tokens in all)", ylabel=ylabel, xscale="log")
+  sizes = sorted({size for _, points in series for size, _ in points})
+  axis.set_xticks(sizes, [str(size) for size in sizes])
+  axis.grid(alpha=0.3, which="both")
+  _finish(plt, fig, out, title, axis.get_legend_handles_labels())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m examples.plot", description=__doc__.split("\n\n")[0]

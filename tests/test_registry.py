@@ -30,7 +30,7 @@ def test_names_and_tasks():
     "adabound",
     "padam",
   )
-  assert optimizers.TASKS == ("cifar10", "ptb2", "ptb3")
+  assert optimizers.TASKS == ("cifar10", "ptb2", "ptb3", "lm")
   assert set(optimizers.PAPER_OPTIMIZERS) < set(optimizers.NAMES)
   for extra in (
     "amsbound",

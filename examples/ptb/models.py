@@ -20,6 +20,8 @@ batch size of 20 is AWD-LSTM's for PTB. So:
   uniform(+-0.1), BPTT 20, clipping at 5, untied. 4.65M parameters, the size a 2-core CPU trains
   (114.5 test perplexity in the paper).
 - ``lstm2-tiny``: 2 x 32, for smoke tests only.
+- ``transformer-small``, ``transformer-tiny``: decoder-only transformers
+  (:mod:`examples.ptb.transformer`), which carry no state across windows.
 
 An LSTM layer computes, for gates in the order input, forget, cell, output::
 
@@ -49,6 +51,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from examples.ptb import transformer
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]  # ((h, c) of layer 1, (h, c) of layer 2, ...)
 
@@ -113,7 +117,7 @@ def _awd_lstm(num_layers: int) -> ModelSpec:
   )
 
 
-MODELS: dict[str, ModelSpec] = {
+MODELS: dict[str, ModelSpec | transformer.TransformerSpec] = {
   "lstm2-tiny": ModelSpec(embed_size=32, hidden_sizes=(32, 32), init_scale=0.1, bptt=20),
   "lstm2-small": ModelSpec(embed_size=200, hidden_sizes=(200, 200), init_scale=0.1, bptt=20),
   "lstm2-medium": ModelSpec(
@@ -127,19 +131,27 @@ MODELS: dict[str, ModelSpec] = {
   ),
   "lstm2": _awd_lstm(2),
   "lstm3": _awd_lstm(3),
+  **transformer.TRANSFORMERS,
 }
 
 
-def get_spec(name: str, *, tie_weights: bool | None = None) -> ModelSpec:
-  """The :class:`ModelSpec` called ``name``, optionally with tying switched on or off.
+def get_spec(
+  name: str, *, tie_weights: bool | None = None
+) -> ModelSpec | transformer.TransformerSpec:
+  """The :class:`ModelSpec` (an LSTM's) or ``TransformerSpec`` called ``name``, optionally with
+  tying switched on or off (an LSTM's only: a transformer's softmax is always tied).
 
   Raises:
-    ValueError: for an unknown name (the message lists the valid ones), or tying a model whose last
-      layer is not as wide as its embedding.
+    ValueError: for an unknown name (the message lists the valid ones), tying a model whose last
+      layer is not as wide as its embedding, or untying a transformer.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
   spec = MODELS[name]
+  if isinstance(spec, transformer.TransformerSpec):
+    if tie_weights is False:
+      raise ValueError(f"{name!r} always ties its softmax to its embedding (drop --no-tie-weights)")
+    return spec
   if tie_weights is not None:
     spec = dataclasses.replace(spec, tie_weights=tie_weights)
   if spec.tie_weights and spec.hidden_sizes[-1] != spec.embed_size:
@@ -321,7 +333,7 @@ def create_model(
   rngs: nnx.Rngs,
   tie_weights: bool | None = None,
   dtype: jax.typing.DTypeLike = jnp.float32,
-) -> LSTMLanguageModel:
+) -> LSTMLanguageModel | transformer.TransformerLanguageModel:
   """Builds the language model called ``name`` (a key of ``MODELS``).
 
   Args:
@@ -346,6 +358,8 @@ def create_model(
     ((3, 7, 50), (3, 32))
   """
   spec = get_spec(name, tie_weights=tie_weights)
+  if isinstance(spec, transformer.TransformerSpec):
+    return transformer.TransformerLanguageModel(spec, vocab_size, rngs=rngs, dtype=dtype)
   return LSTMLanguageModel(spec, vocab_size, rngs=rngs, dtype=dtype)
 
 

@@ -12,8 +12,15 @@ stream is cut into ``eval_batch_size`` rows, each starting from a zero state and
 its windows, with the tail padded at weight 0. Perplexity is ``exp(total loss / tokens)`` over the
 whole stream; ``--eval-batch-size 1`` gives the single-sequence value.
 
-The optimizer is the registry's for task ``ptb2`` (two-layer models) or ``ptb3`` (three layers),
-after ``optax.clip_by_global_norm``. For AdamW's normalized weight decay, an epoch's "training
+A transformer (``--model transformer-small``, :class:`TransformerTask`) carries no state: the
+training stream is cut into windows of ``bptt`` (its context) tokens that do not overlap, shuffled
+anew every epoch and taken ``batch_size`` at a time; each window is read from its own start.
+Evaluation cuts the validation and test streams as for an LSTM but starts every window from
+nothing, so each pair is scored once, with the context its window gives it (0 to ``bptt - 1``
+tokens): these perplexities compare optimizers on one model, not models.
+
+The optimizer is the registry's for task ``ptb2`` (two-layer LSTMs), ``ptb3`` (three layers) or
+``lm`` (transformers), after ``optax.clip_by_global_norm``. For AdamW's normalized weight decay, an epoch's "training
 examples" are its ``batch_size x steps`` sequences of ``bptt`` tokens, so that
 ``batch / examples`` is ``1 / steps``.
 """
@@ -32,7 +39,7 @@ import optax
 from flax import nnx
 
 from examples import cli, training
-from examples.ptb import input_pipeline, models
+from examples.ptb import input_pipeline, models, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +56,9 @@ class Config(training.LoopConfig):
   epochs: int = 200
   batch_size: int = 20
   bptt: int | None = cli.setting(
-    None, help="steps per truncated-BPTT window (default: the model's)"
+    None,
+    help="steps per truncated-BPTT window, or a transformer's window (at most its context) "
+    "(default: the model's)",
   )
   clip: float | None = cli.setting(
     None, help="clip the gradient to this global norm, 0 for none (default: the model's)"
@@ -81,6 +90,9 @@ class Config(training.LoopConfig):
 def _model_help() -> str:
   rows = []
   for name, spec in models.MODELS.items():
+    if isinstance(spec, transformer.TransformerSpec):
+      rows.append(f"{name} ({spec.describe()})")
+      continue
     sizes = "x".join(str(h) for h in spec.hidden_sizes)
     rows.append(
       f"{name} (embed {spec.embed_size}, LSTM {sizes}, bptt {spec.bptt}, clip {spec.clip})"
@@ -88,9 +100,21 @@ def _model_help() -> str:
   return "; ".join(rows)
 
 
-def registry_task(spec: models.ModelSpec) -> str:
-  """The optimizer registry's task of a model: ``ptb3`` for 3 or more layers, else ``ptb2``."""
+def registry_task(spec: models.ModelSpec | transformer.TransformerSpec) -> str:
+  """The optimizer registry's task of a model: ``lm`` for a transformer, ``ptb3`` for an LSTM of 3
+  or more layers, else ``ptb2``."""
+  if isinstance(spec, transformer.TransformerSpec):
+    return "lm"
   return "ptb3" if spec.num_layers >= 3 else "ptb2"
+
+
+def check_window(spec: models.ModelSpec | transformer.TransformerSpec, bptt: int | None) -> None:
+  """Raises ValueError for a ``--bptt`` longer than a transformer's context."""
+  if isinstance(spec, transformer.TransformerSpec) and bptt is not None and bptt > spec.context:
+    raise ValueError(
+      f"--bptt {bptt} is not valid for a transformer of context {spec.context}; expected at most "
+      f"{spec.context}"
+    )
 
 
 def _perplexity(loss: float) -> float:
@@ -196,6 +220,68 @@ class PtbTask(training.Task):
     return record
 
 
+class TransformerTask(PtbTask):
+  """Next-word prediction on PTB with a transformer: independent windows, shuffled every epoch."""
+
+  weight_decay_mask = staticmethod(transformer.decay_mask)
+
+  def __init__(self, config: Config, corpus: input_pipeline.Corpus):
+    super().__init__(config, corpus)
+    length = self.bptt
+    count = (corpus.train.size - 1) // length  # windows of ``length`` (input, target) pairs
+    self.steps_per_epoch = count // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(
+        f"batch size {config.batch_size} exceeds the {count} windows of {length} tokens of the "
+        "training stream"
+      )
+    self.train_size = self.steps_per_epoch * config.batch_size
+    tokens = np.asarray(corpus.train)
+    self._windows = {
+      "inputs": tokens[: count * length].reshape(count, length),
+      "targets": tokens[1 : count * length + 1].reshape(count, length),
+    }
+
+  def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return transformer.TransformerLanguageModel(
+      self.spec, self.vocab_size, rngs=rngs, dtype=self.dtype
+    )
+
+  def init_carry(self, batch_size: int) -> None:
+    del batch_size
+    return None
+
+  def train_data(self) -> dict[str, np.ndarray]:
+    """Every window of the training stream, to live on the devices."""
+    return self._windows
+
+  def epoch_order(self, epoch_key: jax.Array) -> jax.Array:
+    """A permutation of the windows, new every epoch (those past the last whole batch wait)."""
+    return jax.random.permutation(epoch_key, self._windows["inputs"].shape[0])
+
+  def train_batch(self, data, order, step) -> dict[str, jax.Array]:
+    index = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, self.batch_size)
+    return {"inputs": data["inputs"][index], "targets": data["targets"][index]}
+
+  def train_batches(
+    self, epoch: int, rng: jax.Array, start: int = 0
+  ) -> Iterator[dict[str, jax.Array]]:
+    del epoch  # the rng already depends on it
+    data = jax.tree.map(jnp.asarray, self.train_data())
+    order = self.epoch_order(rng)
+    batch = jax.jit(self.train_batch)
+    for step in range(start, self.steps_per_epoch):
+      yield batch(data, order, jnp.int32(step))
+
+
+def make_task(config: Config, corpus: input_pipeline.Corpus) -> PtbTask:
+  """The task of ``config``'s model: a :class:`TransformerTask` or an LSTM's :class:`PtbTask`."""
+  spec = models.get_spec(config.model, tie_weights=config.tie_weights)
+  if isinstance(spec, transformer.TransformerSpec):
+    return TransformerTask(config, corpus)
+  return PtbTask(config, corpus)
+
+
 def train_and_evaluate(
   config: Config, corpus: input_pipeline.Corpus | None = None
 ) -> list[dict[str, Any]]:
@@ -218,9 +304,10 @@ def train_and_evaluate(
   # on the rest (devices, hyperparameters, the workdir and what it holds), before spending seconds
   # on reading the data.
   spec = models.get_spec(config.model, tie_weights=config.tie_weights)
+  check_window(spec, config.bptt)
   config = training.check_run(config, registry_task(spec))
   if corpus is None:
     corpus = input_pipeline.load(config.data_dir, config.train_tokens)
   elif config.train_tokens is not None:
     corpus = corpus._replace(train=corpus.train[: config.train_tokens])
-  return training.train(PtbTask(config, corpus), config)
+  return training.train(make_task(config, corpus), config)

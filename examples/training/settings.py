@@ -334,5 +334,6 @@ def make_optimizer(task: Any, config: LoopConfig) -> optimizers.OptimizerSetup:
     train_size=task.train_size,
     learning_rate=config.learning_rate,
     state_bits=config.state_bits,
+    weight_decay_mask=task.weight_decay_mask,
     **dict(config.hparams),
   )

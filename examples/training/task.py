@@ -71,17 +71,21 @@ class Task:
   """A training problem for :func:`examples.training.train`. Subclass it and fill in the methods.
 
   Attributes (set by the subclass):
-    registry_task: the optimizer registry's task (``"cifar10"``, ``"ptb2"``, ``"ptb3"``): it picks
-      the paper's hyperparameters.
+    registry_task: the optimizer registry's task (``"cifar10"``, ``"ptb2"``, ``"ptb3"``, ``"lm"``):
+      it picks the hyperparameters.
     unit: what the batches hold, for throughput: ``"images"`` logs ``images_per_second``.
     steps_per_epoch: number of batches in an epoch (:meth:`train_batches` or :meth:`train_batch`).
     train_size: training examples per epoch (AdamW's normalized weight decay uses it).
+    weight_decay_mask: which parameters a decoupled weight decay applies to (a function of the
+      parameters returning a pytree of bools), for a registry task that decays so (``lm``); None:
+      the registry's default.
   """
 
   registry_task: str
   unit: str = "examples"
   steps_per_epoch: int
   train_size: int
+  weight_decay_mask: Any = None
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model; it is in training mode (``train()``) for steps and ``eval()`` for evaluation."""
