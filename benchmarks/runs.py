@@ -8,8 +8,10 @@ one resumes from its last checkpoint, and the protocol's report is rewritten aft
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -231,6 +233,15 @@ def waiting(protocol: Protocol, root: pathlib.Path = RESULTS) -> list[str]:
   ]
 
 
+def _python() -> str:
+  """``python`` when that is the interpreter running this (an active virtual environment's, say),
+  else that interpreter's path, so that a printed command runs where this one runs."""
+  on_path = shutil.which("python")
+  if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+    return "python"
+  return sys.executable
+
+
 def commands(
   protocol: Protocol,
   *,
@@ -273,5 +284,5 @@ def commands(
       progress=False,
     )
     flags = cli.config_flags(config) + (["--data-dir", data_dir] if data_dir else [])
-    lines.append(shlex.join(["python", "-m", module, *flags]))
+    lines.append(shlex.join([_python(), "-m", module, *flags]))
   return lines

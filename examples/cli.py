@@ -13,15 +13,20 @@ This module imports no JAX at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import numbers
 import os
+import pathlib
+import shutil
+import signal
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 # XNNPACK kernels for XLA:CPU convolutions and matmuls: 1.3x-2x the images/s of a ResNet training
@@ -137,8 +142,8 @@ EXIT_PREEMPTED = 4  # stopped by SIGTERM or SIGINT after saving a checkpoint; re
 EXIT_INTERRUPTED = 130  # Ctrl-C before training started (nothing to save); the shell's 128 + 2
 EXIT_STATUS_HELP = (
   "Exit status: 0 finished; 1 internal error (a traceback); 2 bad usage, settings or data (one "
-  "line naming the option, the value and what is valid); 3 stopped on a non-finite loss or state "
-  "(one line naming the last finite checkpoint and how to continue from it); 4 stopped by SIGTERM "
+  "line naming the option, the value and what is valid); 3 stopped on a non-finite loss or state, "
+  "or a loss over 1,000 times a uniform prediction's (one line naming the last finite checkpoint and how to continue from it); 4 stopped by SIGTERM "
   "or SIGINT (Ctrl-C) during training, after saving a checkpoint of where it stood (one line: "
   "continue with --resume); 130 Ctrl-C before training started (nothing was saved)."
 )
@@ -348,6 +353,64 @@ def config_flags(config: Any) -> list[str]:
   return flags
 
 
+# The --workdir folders this process created (examples.training.settings.check_workdir): a run
+# refused or interrupted before training removes them again if it left nothing in them but its lock
+# files.
+created_folders: list[pathlib.Path] = []
+
+
+def _remove_unused_folders() -> None:
+  for folder in created_folders:
+    try:
+      entries = list(folder.iterdir())
+      unused = all(
+        e.name.startswith(".lock-") or (e.is_dir() and not any(e.iterdir())) for e in entries
+      )
+    except OSError:
+      continue
+    if unused:
+      shutil.rmtree(folder, ignore_errors=True)
+  created_folders.clear()
+
+
+INTERRUPTED_MESSAGE = "interrupted before training began; nothing was saved"
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+  del signum, frame
+  print(INTERRUPTED_MESSAGE, file=sys.stderr, flush=True)
+  _remove_unused_folders()
+  os._exit(EXIT_INTERRUPTED)
+
+
+def end_on_ctrl_c() -> Any:
+  """Makes Ctrl-C end the process at once with status 130 and one line (see
+  :func:`_ctrl_c_ends_the_process`); returns the previous handler, or None where it cannot (not the
+  main thread, or SIGINT ignored). A trainer's ``__main__`` calls it before it loads the libraries."""
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  ):
+    return None
+  return signal.signal(signal.SIGINT, _interrupted)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ends_the_process() -> Iterator[None]:
+  """Until training begins (the loop's own handlers take over then), Ctrl-C ends the process at
+  once with status 130: a KeyboardInterrupt raised inside XLA's compilation left its threads
+  mid-way and crashed the process at exit (a segmentation fault), and one raised inside a garbage
+  collector's callback was swallowed and the run went on. Nothing was saved yet, and the locks go
+  with the process. Only in the main thread, and not when SIGINT is ignored (a job started with
+  ``&``)."""
+  previous = end_on_ctrl_c()
+  try:
+    yield
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGINT, previous)
+
+
 def run(
   main: Callable[[], Any], args: argparse.Namespace, expected: tuple[type[BaseException], ...] = ()
 ) -> int:
@@ -365,15 +428,18 @@ def run(
     training. Any other exception propagates (Python exits with 1, :data:`EXIT_INTERNAL`).
   """
   try:
-    initialize_distributed(args)
-    main()
+    with _ctrl_c_ends_the_process():
+      initialize_distributed(args)
+      main()
   except RunStopped as e:
     print(f"error: {e}" if e.exit_status == EXIT_NON_FINITE else str(e), file=sys.stderr)
     return e.exit_status
   except (ValueError, *expected) as e:
     print(f"error: {e}", file=sys.stderr)
+    _remove_unused_folders()
     return EXIT_USAGE
-  except KeyboardInterrupt:
-    print("interrupted before training began; nothing was saved", file=sys.stderr)
+  except KeyboardInterrupt:  # raised by code rather than by Ctrl-C (see _ctrl_c_ends_the_process)
+    print(INTERRUPTED_MESSAGE, file=sys.stderr)
+    _remove_unused_folders()
     return EXIT_INTERRUPTED
   return EXIT_OK

@@ -34,6 +34,18 @@ def _label(workdir: str) -> str:
     return pathlib.Path(workdir).name
 
 
+def _labels(workdirs: Sequence[str]) -> list[str]:
+  """:func:`_label` of each run; runs whose labels would be the same get their folder's name
+  added (``padam (resnet20), c10-padam-2``), so that the legend tells them apart."""
+  labels = [_label(w) for w in workdirs]
+  shown = []
+  for workdir, label in zip(workdirs, labels, strict=True):
+    path = pathlib.Path(workdir)
+    name = path.parent.name if path.name == "metrics.jsonl" else path.name
+    shown.append(f"{label}, {name}" if labels.count(label) > 1 else label)
+  return shown
+
+
 # The right panel's metric: the first of these that the runs record (validation before test).
 RIGHT_KEYS = (
   ("val_acc", "validation error"),
@@ -117,7 +129,7 @@ def plot(
   groups = [[w] if isinstance(w, str | pathlib.Path) else list(w) for w in workdirs]
   if any(not group for group in groups):
     raise ValueError("an empty group of runs")
-  labels = list(labels) if labels else [_label(str(group[0])) for group in groups]
+  labels = list(labels) if labels else _labels([str(group[0]) for group in groups])
   if len(labels) != len(groups):
     raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
   rows = _legend_rows(len(groups))

@@ -133,7 +133,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_verified_one(tmp_path, caps
     history = training.train(PoisonedTask(), resume)
     err = capsys.readouterr().err
     assert (
-      f"the checkpoint of epoch {newest // 4} in" in err and "deleted, continuing from epoch" in err
+      f"the checkpoint of epoch {newest // 4} ({checkpoints / str(newest)})" in err
+      and "deleted, continuing from epoch" in err
     )
     assert "Traceback" not in err
     assert without_timing(history) == without_timing(full), corrupt
@@ -334,3 +335,94 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
   again = training.train(ToyTask(), dataclasses.replace(cfg, resume=True, learning_rate=0.05))
   assert "the run has finished (epoch 1 of 1); nothing to do" in capsys.readouterr().err
   assert again == history and (tmp_path / "run" / "run.json").read_text() == run
+
+
+# --- the edges: messages and refusals that say what happened ------------------------------------
+
+
+def test_resume_into_a_folder_without_a_run_says_so_and_starts_one(tmp_path, capsys):
+  cfg = config(tmp_path, epochs=1, devices=1)
+  history = training.train(ToyTask(), dataclasses.replace(cfg, resume=True))
+  err = capsys.readouterr().err
+  assert f"--resume: {tmp_path / 'run'} holds no run to continue; starting a new one" in err
+  assert [r["epoch"] for r in history] == [1]
+
+
+def test_an_unreadable_error_message_gives_way_to_its_cause():
+  from examples.training.checkpoints import _first_line
+
+  bound = ValueError(object().__str__)  # its message is only a repr: "<method-wrapper ...>"
+  assert _first_line(bound) == "no readable message"
+  bound.__cause__ = OSError("Error reading 'd/3a39' in OCDBT database")
+  assert _first_line(bound) == "Error reading 'd/3a39' in OCDBT database"
+  assert _first_line(ValueError("first\nsecond")) == "first"
+
+
+class ExplodingTask(ToyTask):
+  """The toy task whose loss of a uniform prediction is said to be tiny: its real loss is then
+  far above 1,000 times it, as a diverged run's would be."""
+
+  chance_loss = 1e-7
+
+
+def test_a_finite_explosion_stops_like_a_non_finite_loss(tmp_path):
+  cfg = config(tmp_path, epochs=2, devices=1)
+  with pytest.raises(training.NonFiniteLossError, match="diverged training loss in epoch 1") as e:
+    training.train(ExplodingTask(), cfg)
+  assert "above 1000x the loss of a uniform prediction (1e-07)" in str(e.value)
+  assert "--lr" in str(e.value)
+  assert "diverged" in metrics.read_stopped(cfg.workdir)["reason"]
+  assert training.NonFiniteLossError.exit_status == cli.EXIT_NON_FINITE == 3
+
+
+def test_refusals_name_the_flag_before_the_data_and_leave_no_folder(
+  cifar, tmp_path, capsys, monkeypatch
+):
+  _no_data_no_model(monkeypatch)
+  argv = [*cifar[:-1], str(tmp_path / "new" / "run")]
+  assert cifar10_main.main([*argv, "--optimizer", "adam", "--state-bits", "16"]) == 2
+  err = _one_line_error(capsys, "--state-bits 16 is not valid for adam")
+  assert "()" not in err
+  assert cifar10_main.main([*argv, "--train-size", "60000"]) == 2
+  _one_line_error(capsys, "--train-size 60000 is not valid; CIFAR-10 has 50,000 training images")
+  assert cifar10_main.main([*argv, "--train-size", "45000", "--val-size", "10000"]) == 2
+  _one_line_error(capsys, "--train-size 45000 and --val-size 10000 are not valid together")
+  assert not (tmp_path / "new" / "run").exists()
+
+
+def test_a_refused_run_removes_the_folder_it_made_and_a_folder_is_not_a_file(
+  cifar, tmp_path, capsys
+):
+  (tmp_path / "folder" / "cifar10.npz").mkdir(parents=True)
+  argv = [*cifar[:-4], "--data-dir", str(tmp_path / "folder"), "--workdir", str(tmp_path / "w")]
+  assert cifar10_main.main(argv) == 2
+  _one_line_error(capsys, "cifar10.npz is a folder, not a file")
+  assert not (tmp_path / "w").exists()  # made for the run, left with nothing in it but a lock
+  (tmp_path / "kept").mkdir()  # a folder that was there before the run is kept
+  assert cifar10_main.main([*argv[:-1], str(tmp_path / "kept")]) == 2
+  assert (tmp_path / "kept").is_dir()
+
+
+def test_the_checkpoint_clock_starts_after_the_first_call():
+  import time
+
+  from examples.training.preemption import Stops
+
+  stops = Stops(minutes=0.02 / 60)  # 20 ms
+  time.sleep(0.05)  # compiling the step
+  assert stops.check(1) == (False, False)  # the clock starts now
+  assert stops.check(2) == (False, False)
+  time.sleep(0.05)
+  assert stops.check(3) == (True, False)
+
+
+def test_plot_tells_apart_runs_that_would_share_a_label(tmp_path):
+  from examples import plot
+
+  for name in ("a", "b", "c"):
+    (tmp_path / name).mkdir()
+    optimizer = "sgdm" if name == "c" else "padam"
+    run = {"config": {"optimizer": optimizer, "model": "resnet8"}}
+    (tmp_path / name / "run.json").write_text(__import__("json").dumps(run))
+  labels = plot._labels([str(tmp_path / n) for n in ("a", "b", "c")])
+  assert labels == ["padam (resnet8), a", "padam (resnet8), b", "sgdm (resnet8)"]

@@ -8,6 +8,8 @@ that they land at a known step.
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -239,3 +241,62 @@ def test_a_signal_the_process_ignores_stays_ignored():
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) not in (term, signal.SIG_IGN)
   assert signal.getsignal(signal.SIGTERM) is term
+
+
+# Ctrl-C at five moments of a run's life, in a process of its own (a crash shows only at its end).
+INTERRUPT_SCRIPT = """
+import os, signal, sys, threading
+sys.path.insert(0, "tests")
+from test_cifar10 import TinyNet
+from examples.cifar10 import __main__ as main, input_pipeline, models
+from examples.training import checkpoints, loop, steps, task
+
+models.MODELS["tiny"] = TinyNet
+OWNERS = {
+  "load": (input_pipeline, "load_splits"),
+  "compile": (loop, "make_state"),
+  "first step": (steps.Steps, "train_chunk"),
+  "save": (checkpoints.Checkpoints, "save"),
+  "evaluation": (task.Evaluator, "run"),
+}
+owner, name = OWNERS[sys.argv[1]]
+original, fired = getattr(owner, name), []
+
+
+def interrupted(*args, **kwargs):
+  if not fired:  # the first time only; during a compile, from another thread while it runs
+    fired.append(1)
+    threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+  return original(*args, **kwargs)
+
+
+setattr(owner, name, interrupted)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored, whatever pytest's is
+sys.exit(main.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+  ("point", "status"),
+  [("load", 130), ("compile", 130), ("first step", 4), ("save", 4), ("evaluation", 4)],
+)
+def test_ctrl_c_at_any_moment_ends_with_its_status_and_no_crash(tmp_path, point, status):
+  np.savez(tmp_path / "cifar10.npz", **synthetic_cifar(n_train=32, n_test=10))
+  args = ["--model", "tiny", "--batch-size", "8", "--eval-batch-size", "10", "--epochs", "2"]
+  args += ["--devices", "1", "--no-progress", "--no-xnnpack", "--data-dir", str(tmp_path)]
+  args += ["--workdir", str(tmp_path / "run")]
+  env = {**os.environ, "PYTHONPATH": os.getcwd()}
+  done = subprocess.run(
+    [sys.executable, "-c", INTERRUPT_SCRIPT, point, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  err = done.stderr.strip().splitlines()
+  assert done.returncode == status, (done.returncode, err[-5:])
+  assert not any("Traceback" in line or "Fatal Python" in line for line in err), err
+  if status == 130:
+    assert err[-1] == "interrupted before training began; nothing was saved"
+  else:
+    assert err[-1].startswith("stopped by SIGINT") and "--resume" in err[-1], err

@@ -1,9 +1,13 @@
 """``--steps-per-call``: one call to the devices runs K train steps, each cutting its batch from
 the training data on the devices. For a fixed seed every K gives the same metrics, for both
-trainers, on one device, on eight and on a ``data=2,fsdp=4`` mesh."""
+trainers, on one device, on eight and on a ``data=2,fsdp=4`` mesh, with a dense CIFAR-10 network
+and an LSTM; with a convolutional network (ResNet-8 at half width) the numbers of K > 1 agree with
+K = 1 within the bound docs/trainers.md states, as XLA:CPU compiles a convolution inside a loop
+differently from one outside it."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from test_cifar10 import synthetic_cifar
@@ -13,8 +17,10 @@ from test_ptb import PATTERN, TEST_SPECS, write_corpus
 from examples import metrics
 from examples.cifar10 import __main__ as cifar10_main
 from examples.cifar10 import models as cifar_models
+from examples.cifar10 import train as cifar10_train
 from examples.ptb import __main__ as ptb_main
 from examples.ptb import models as ptb_models
+from examples.training import epoch, settings
 
 # optax's step-decay schedule compares a float with the int32 step (see test_training.py).
 pytestmark = pytest.mark.standard_promotion
@@ -42,6 +48,7 @@ def trainers(tmp_path, monkeypatch):
   common += ["--data-dir", str(tmp_path)]
   return {
     "cifar10": (cifar10_main.main, [*common, "--model", "wide", "--eval-batch-size", "16"]),
+    "resnet": (cifar10_main.main, [*common, "--model", "resnet8_w0.5", "--eval-batch-size", "16"]),
     "ptb": (
       ptb_main.main,
       [*common, "--model", "test-dropout", "--optimizer", "padam", "--eval-batch-size", "8"],
@@ -49,18 +56,35 @@ def trainers(tmp_path, monkeypatch):
   }
 
 
-@pytest.mark.parametrize("trainer", ["cifar10", "ptb"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The convolutional model on one device (its compile is the slowest): relative bound on its metrics.
+CONVOLUTION_RTOL = 1e-4
+CASES = [(t, layout) for t in ("cifar10", "ptb") for layout in LAYOUTS] + [("resnet", "one")]
+
+
+@pytest.mark.parametrize(("trainer", "layout"), CASES)
 def test_every_number_of_steps_per_call_gives_the_same_run(tmp_path, trainers, trainer, layout):
   main, args = trainers[trainer]
   runs = {}
-  for calls, flags in CALLS.items():
+  # On a CPU the default is 1 step a call, the K = 1 run's program: the convolutional case, the
+  # slowest to compile, runs K = 1 and 8 only.
+  cases = {k: v for k, v in CALLS.items() if trainer != "resnet" or k != "default"}
+  for calls, flags in cases.items():
     workdir = tmp_path / f"{trainer}-{layout}-{calls}"
     assert main([*args, *LAYOUTS[layout], *flags, "--workdir", str(workdir)]) == 0
     runs[calls] = without_timing(metrics.read_metrics(workdir))
   assert runs["1"][0]["step"] == 10, "the test wants 10-step epochs"
-  for calls in ("8", "default"):
+  for calls in runs.keys() - {"1"}:
     for a, b in zip(runs[calls], runs["1"], strict=True):
       assert a.keys() == b.keys()
       for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=f"{calls}: {key}")
+        if trainer != "resnet":
+          np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=f"{calls}: {key}")
+        elif key.endswith("_acc"):  # 16 test images: one image is 0.0625
+          np.testing.assert_allclose(a[key], b[key], atol=0.0625 + 1e-9, err_msg=key)
+        else:
+          np.testing.assert_allclose(a[key], b[key], rtol=CONVOLUTION_RTOL, err_msg=key)
+  if trainer == "resnet":
+    default = cifar10_train.Config(workdir=str(tmp_path / "d"))
+    assert epoch.steps_per_call(default) == (
+      1 if jax.default_backend() == "cpu" else settings.DEFAULT_STEPS_PER_CALL
+    )

@@ -5,6 +5,7 @@ import json
 import math
 import shlex
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -212,7 +213,8 @@ def test_commands_rebuild_each_config(tmp_path):
   lines = runs.commands(TUNED, seeds=3, data_dir="DIR", root=tmp_path)
   assert len(lines) == 6
   words = shlex.split(lines[-1])
-  assert words[:3] == ["python", "-m", "examples.cifar10"]
+  # "python" when that is this interpreter (an active environment), else this interpreter's path.
+  assert words[0] in ("python", sys.executable) and words[1:3] == ["-m", "examples.cifar10"]
   parser = argparse.ArgumentParser()
   cli.add_config_flags(parser, cifar10_train.Config)
   args = parser.parse_args(words[3:])

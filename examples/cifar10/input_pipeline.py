@@ -36,6 +36,8 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 PAD = 4
 NUM_CLASSES = 10
+TRAIN_IMAGES = 50_000  # CIFAR-10's training and test sets
+TEST_IMAGES = 10_000
 _SHAPES = {"x_train": (32, 32, 3), "x_test": (32, 32, 3)}
 
 
@@ -75,8 +77,9 @@ def resolve_data_file(data_dir: str | os.PathLike | None, *, download: bool = Tr
     if folder:
       path = pathlib.Path(folder).expanduser() / NPZ_NAME
       if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise DataError(
-          f"CIFAR-10 not found: {source} is {folder!r} but {path} does not exist. Point {source} "
+          f"CIFAR-10 not found: {source} is {folder!r} but {path} {what}. Point {source} "
           f"at a folder holding {NPZ_NAME} (arrays x_train, y_train, x_test, y_test), or leave "
           f"both --data-dir and $PADAM_DATA_DIR unset to download the official archive into "
           f"{cache_dir()}."

@@ -9,6 +9,7 @@ the permutation is skipped, so every batch has the same shape); evaluation cover
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -61,6 +62,22 @@ class Config(training.LoopConfig):
     cli.check_int("--train-size", self.train_size, minimum=1, optional=True)
     cli.check_int("--test-size", self.test_size, minimum=1, optional=True)
     cli.check_int("--val-size", self.val_size, minimum=1, optional=True)
+    # CIFAR-10's sizes, checked before the data are read (a smaller file is checked once read).
+    train, test = input_pipeline.TRAIN_IMAGES, input_pipeline.TEST_IMAGES
+    for flag, value, most, split in (
+      ("--train-size", self.train_size, train, "training"),
+      ("--val-size", self.val_size, train, "training"),
+      ("--test-size", self.test_size, test, "test"),
+    ):
+      if value is not None and value > most:
+        raise ValueError(
+          f"{flag} {value} is not valid; CIFAR-10 has {most:,} {split} images (expected 1..{most})"
+        )
+    if self.val_size is not None and (self.train_size or 0) + self.val_size > train:
+      raise ValueError(
+        f"--train-size {self.train_size} and --val-size {self.val_size} are not valid together; "
+        f"they are drawn from CIFAR-10's {train:,} training images, and add up to more"
+      )
 
 
 class Cifar10Task(training.Task):
@@ -68,6 +85,7 @@ class Cifar10Task(training.Task):
 
   registry_task = "cifar10"
   unit = "images"
+  chance_loss = math.log(10)
 
   def __init__(
     self,

@@ -4,6 +4,10 @@ import argparse
 import sys
 
 from examples import cli
+
+if __name__ == "__main__":
+  cli.end_on_ctrl_c()  # Ctrl-C while the libraries load: one line and status 130, as later
+
 from examples.ptb import input_pipeline, train
 
 

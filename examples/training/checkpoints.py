@@ -80,9 +80,15 @@ def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  line = text[0] if text else type(error).__name__
-  return line if len(line) <= 200 else line[:197] + "..."
+  """The first line of ``error``'s message, or of its cause's when its own is empty or only an
+  object's repr (``<bound method ...>``, as some of TensorStore's bindings give), at most 200
+  characters."""
+  for e in (error, error.__cause__, error.__context__):
+    text = str(e).strip().splitlines() if e is not None else []
+    if text and not text[0].startswith("<"):
+      line = text[0]
+      return line if len(line) <= 200 else line[:197] + "..."
+  return "no readable message"
 
 
 @contextlib.contextmanager
@@ -252,7 +258,7 @@ class Checkpoints:
       where = position(self.read_meta(step))
     except CheckpointError:
       where = f"step {step}"
-    return f"the checkpoint of {where} in {self.directory}"
+    return f"the checkpoint of {where} ({self.directory / str(step)})"
 
   def close(self) -> None:
     self.manager.close()

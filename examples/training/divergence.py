@@ -1,6 +1,7 @@
-"""Divergence: a NaN or an infinity in the training loss, an evaluation or the state stops a run
-(exit status 3) before anything of it is written, naming the last checkpoint whose metrics were
-finite and the way on."""
+"""Divergence: a NaN or an infinity in the training loss, an evaluation or the state, or a loss
+more than :data:`DIVERGED_FACTOR` times that of a uniform prediction, stops a run (exit status 3)
+before anything of it is written, naming the last checkpoint whose metrics were finite and the way
+on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import jax.numpy as jnp
 from examples import cli
 from examples.training import devices
 from examples.training.checkpoints import Checkpoints
+
+# A training or evaluation loss above this many times the loss of a uniform prediction (the task's
+# ``chance_loss``: log 10 for CIFAR-10, log of the vocabulary for PTB) has diverged, finite or not.
+DIVERGED_FACTOR = 1000.0
 
 
 class NonFiniteLossError(cli.RunStopped):
@@ -43,17 +48,28 @@ def check_finite(
   what: str,
   checkpoints: Checkpoints,
   learning_rate: float | None = None,
+  chance_loss: float | None = None,
 ) -> None:
-  """Raises :class:`NonFiniteLossError` when a metric of ``live`` is NaN or infinite.
+  """Raises :class:`NonFiniteLossError` when a metric of ``live`` is NaN or infinite, or a loss of
+  it (``loss``, ``*_loss``) exceeds ``DIVERGED_FACTOR * chance_loss`` (when given).
 
   ``what`` says which metrics (``training loss in epoch 3 by step 40``); ``learning_rate`` (the
   run's base rate) makes the message suggest a lower one.
   """
+  shown = ", ".join(f"{k}={v:.4g}" for k, v in live.items())
   if not all(math.isfinite(v) for v in live.values()):
-    shown = ", ".join(f"{k}={v}" for k, v in live.items())
     raise NonFiniteLossError(
       _non_finite_message(f"non-finite {what} ({shown})", checkpoints, learning_rate)
     )
+  if chance_loss is None:
+    return
+  bound = DIVERGED_FACTOR * chance_loss
+  if any(v > bound for k, v in live.items() if k == "loss" or k.endswith("_loss")):
+    what = (
+      f"diverged {what} ({shown}): above {DIVERGED_FACTOR:g}x the loss of a uniform prediction "
+      f"({chance_loss:.4g})"
+    )
+    raise NonFiniteLossError(_non_finite_message(what, checkpoints, learning_rate))
 
 
 @jax.jit

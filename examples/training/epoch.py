@@ -124,7 +124,7 @@ class _Progress:
     host = {k: float(v) for k, v in sums.items()}
     live = self.ctx.task.summarize(host)
     where = f"training loss in epoch {self.epoch} by step {done}"
-    check_finite(live, where, self.ctx.checkpoints, self.ctx.base_lr)
+    check_finite(live, where, self.ctx.checkpoints, self.ctx.base_lr, self.ctx.task.chance_loss)
     self.bar.show(done, live, host["count"] - self.start_sums.get("count", 0.0))
     return host
 

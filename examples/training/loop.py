@@ -111,7 +111,7 @@ def run_epochs(ctx: Context, run: RunState) -> None:
       # A diverged model can train to a finite loss and still evaluate to NaN: a stop as well,
       # before the epoch is recorded or checkpointed.
       where = f"evaluation after epoch {epoch}"
-      check_finite(evaluation, where, ctx.checkpoints, ctx.base_lr)
+      check_finite(evaluation, where, ctx.checkpoints, ctx.base_lr, task.chance_loss)
     else:
       evaluation, eval_seconds = {}, 0.0
     record = epoch_record(epoch, task, ctx.setup, trained, evaluation, eval_seconds)

@@ -64,6 +64,7 @@ class Stops:
     self._signals = 0
     self._saving = False
     self._last_save = time.monotonic()
+    self._clock_started = False
     self._previous: dict[int, Any] = {}
     self._processes = jax.process_count()
 
@@ -125,6 +126,11 @@ class Stops:
 
   def _clock_due(self, step: int) -> bool:
     if self.seconds is None:
+      return False
+    if not self._clock_started:
+      # The first call compiled the step: the clock starts after it (every process alike).
+      self._clock_started = True
+      self._last_save = time.monotonic()
       return False
     due = time.monotonic() - self._last_save >= self.seconds
     if self._processes == 1:

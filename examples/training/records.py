@@ -342,6 +342,7 @@ def restore_or_start(
 
   restored = checkpoints.restore_newest(like)
   if restored is None:
+    devices.say(f"--resume: {workdir} holds no run to continue; starting a new one there")
     write_history(workdir, [])
     return RunState(state, root, [])
   (state, carry), meta = restored

@@ -299,6 +299,8 @@ def check_optimizer(config: LoopConfig, registry_task: str) -> None:
     shown = " ".join(
       f"--hparam {k}={json.dumps(v, default=repr)}" for k, v in config.hparams.items()
     )
+    if not shown:  # the message names the flag it rejects
+      raise ValueError(str(e)) from e
     raise ValueError(f"{config.optimizer} rejects its hyperparameters ({shown}): {e}") from e
 
 
@@ -309,7 +311,9 @@ def check_workdir(config: LoopConfig, subfolder: str) -> None:
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir} is not valid; it is a file, not a folder")
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not workdir.exists():
+      workdir.mkdir(parents=True, exist_ok=True)
+      cli.created_folders.append(workdir)
     for folder in (workdir, workdir / subfolder):
       if folder.exists():
         probe = folder / f".write-probe-{jax.process_index()}-{os.getpid()}"

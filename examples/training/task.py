@@ -79,6 +79,8 @@ class Task:
     weight_decay_mask: which parameters a decoupled weight decay applies to (a function of the
       parameters returning a pytree of bools), for a registry task that decays so (``lm``); None:
       the registry's default.
+    chance_loss: the loss of a uniform prediction (the log of the number of classes), or None; a
+      training or evaluation loss above 1,000 times it stops the run as diverged (exit status 3).
   """
 
   registry_task: str
@@ -86,6 +88,7 @@ class Task:
   steps_per_epoch: int
   train_size: int
   weight_decay_mask: Any = None
+  chance_loss: float | None = None
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model; it is in training mode (``train()``) for steps and ``eval()`` for evaluation."""
