@@ -135,6 +135,7 @@ class PtbTask(training.Task):
     self.corpus = corpus
     self.dtype = jnp.dtype(config.dtype)
     self.vocab_size = len(corpus.vocab)
+    self.chance_loss = math.log(self.vocab_size)
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
     self.test_every = config.test_every
