@@ -139,13 +139,18 @@ EXIT_INTERNAL = 1  # an uncaught exception: Python prints its traceback and exit
 EXIT_USAGE = 2  # bad usage, settings or data; one line (argparse's usage errors are 2 as well)
 EXIT_NON_FINITE = 3  # stopped on a non-finite loss or state; one line naming the last checkpoint
 EXIT_PREEMPTED = 4  # stopped by SIGTERM or SIGINT after saving a checkpoint; resumable
+EXIT_PEER_LOST = 5  # another process of the run was lost (examples.peers); resumable
 EXIT_INTERRUPTED = 130  # Ctrl-C before training started (nothing to save); the shell's 128 + 2
+# Seconds without a heartbeat after which a process of a multi-process run counts as lost.
+PEER_TIMEOUT = 15.0
 EXIT_STATUS_HELP = (
   "Exit status: 0 finished; 1 internal error (a traceback); 2 bad usage, settings or data (one "
   "line naming the option, the value and what is valid); 3 stopped on a non-finite loss or state, "
   "or a loss over 1,000 times a uniform prediction's (one line naming the last finite checkpoint and how to continue from it); 4 stopped by SIGTERM "
   "or SIGINT (Ctrl-C) during training, after saving a checkpoint of where it stood (one line: "
-  "continue with --resume); 130 Ctrl-C before training started (nothing was saved)."
+  "continue with --resume); 5 another process of a multi-process run was lost (one line naming it: "
+  "start every process again with --resume); 130 Ctrl-C before training started (nothing was "
+  "saved)."
 )
 
 
@@ -255,6 +260,14 @@ def _add_launch_flags(group: Any) -> None:
   group.add_argument(
     "--process-id", type=int, metavar="I", help="this process: 0 to N-1 (with --coordinator)"
   )
+  group.add_argument(
+    "--peer-timeout",
+    type=float,
+    default=PEER_TIMEOUT,
+    metavar="S",
+    help="with several processes: a process without a heartbeat for S seconds is lost, and every "
+    f"other one exits with status 5 (default: {PEER_TIMEOUT:g})",
+  )
 
 
 def distributed_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -307,9 +320,14 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     return
   import jax
 
+  from examples import peers
+
+  timeout = getattr(args, "peer_timeout", PEER_TIMEOUT)
+  check_number("--peer-timeout", timeout, positive=True)
   if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**settings)
+  peers.watch(timeout, EXIT_PEER_LOST)
 
 
 def config_from_args(config_type: type, args: argparse.Namespace) -> Any:
@@ -442,4 +460,8 @@ def run(
     print(INTERRUPTED_MESSAGE, file=sys.stderr)
     _remove_unused_folders()
     return EXIT_INTERRUPTED
+  except Exception:
+    if "examples.peers" in sys.modules:  # a collective may have failed for a lost process
+      sys.modules["examples.peers"].settle()
+    raise
   return EXIT_OK

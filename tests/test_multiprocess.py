@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples import metrics
+from examples import cli, metrics
 from examples.cifar10 import models as cifar_models
 from examples.ptb import models as ptb_models
 from examples.training import loop
@@ -178,6 +178,7 @@ class Run:
     processes: int,
     hold=None,
     signal_at=None,
+    hold_last=False,
   ):
     address = f"127.0.0.1:{free_port()}"
     self.logs = [folder / f"{name}-{i}.log" for i in range(processes)]
@@ -189,7 +190,11 @@ class Run:
           subprocess.Popen(
             [sys.executable, __file__, task, *(launch if processes > 1 else []), *args],
             cwd=ROOT,
-            env=worker_env(DEVICES // processes, hold, signal_at if i == processes - 1 else None),
+            env=worker_env(
+              DEVICES // processes,
+              hold if not hold_last or i == processes - 1 else None,
+              signal_at if i == processes - 1 else None,
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
           )
@@ -242,8 +247,8 @@ def launch(tmp_path):
   of them when the test ends."""
   runs = []
 
-  def start(name, task, args, processes=2, hold=None, signal_at=None):
-    runs.append(Run(tmp_path, name, task, args, processes, hold, signal_at))
+  def start(name, task, args, processes=2, hold=None, signal_at=None, hold_last=False):
+    runs.append(Run(tmp_path, name, task, args, processes, hold, signal_at, hold_last))
     return runs[-1]
 
   yield start
@@ -283,11 +288,22 @@ def test_cifar10_sharded_and_in_two_processes_killed_and_resumed_as_one(tmp_path
   on_eight = [*args, "--mesh", "data=2,fsdp=4", "--workdir", str(sharded)]
   single = launch("single", "cifar10", [*on_one, "--then", *on_eight], processes=1)
   two_args = [*args, "--mesh", "fsdp=8", "--workdir", str(two)]
-  # Killed while it waits to start epoch 2: checkpoint 1 is whole, written by both processes.
-  first = launch("first", "cifar10", two_args, hold=1)
+  # Process 1 killed while it waits to start epoch 2 (checkpoint 1 is whole, written by both),
+  # process 0 waiting for it in epoch 2's first step: it notices within --peer-timeout and exits
+  # with its own status, one line, no stack trace.
+  first = launch("first", "cifar10", [*two_args, "--peer-timeout", "4"], hold=1, hold_last=True)
   first.wait_for_epochs(two, 1)
-  first.kill()
-  assert [p.returncode for p in first.processes] == [-signal.SIGKILL] * 2
+  time.sleep(1.0)  # process 0 is inside epoch 2, in a collective with process 1
+  first.processes[1].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  first.processes[0].wait(timeout=60)
+  noticed = time.monotonic() - killed
+  print(f"process 0 exited {noticed:.1f} s after process 1 was killed (--peer-timeout 4)")
+  assert first.processes[0].returncode == cli.EXIT_PEER_LOST == 5, first.output()
+  assert noticed < 4 + 3, noticed
+  log = first.logs[0].read_text()
+  assert "process 1 of this 2-process run is lost: no heartbeat for 4 s" in log, log[-2000:]
+  assert "--resume" in log and "Terminating process" not in log and "Traceback" not in log
   assert sorted(os.listdir(two / "checkpoints")) == ["2"]  # named by its steps: 2 an epoch
   resumed = launch("resumed", "cifar10", [*two_args, "--resume"])
   single.wait()
