@@ -258,21 +258,9 @@ def amsbound(
   r"""AMSBound: :func:`adabound` with the running maximum of the raw second moment.
 
   The step is ``clip(alpha_t c_t / (sqrt(vhat_t) + eps), eta_l(t), eta_u(t)) m_t``
-  with ``vhat_t = max(vhat_{t-1}, v_t)``, as in the authors' reference code.
-
-  Args:
-    learning_rate: Adam's step size ``alpha_t``, a number or an Optax schedule.
-    final_lr: the SGD step size the bounds converge to.
-    b1: decay rate of the first moment.
-    b2: decay rate of the second moment.
-    eps: added to ``sqrt(vhat)``.
-    gamma: convergence speed of the bounds.
-    weight_decay: coupled L2 weight decay, ``>= 0``.
-    mask: which parameters weight decay applies to, as in ``optax.adamw``.
-    mu_dtype: optional dtype of the first moment in the state (rounded
-      stochastically when narrower than float32).
-    nu_dtype: optional dtype of ``v`` (and AMSBound's ``vhat``) in the state (rounded
-      stochastically when narrower than float32).
+  with ``vhat_t = max(vhat_{t-1}, v_t)``, as in the authors' reference code. Its
+  arguments are :func:`adabound`'s, the same names and meanings (``eps`` is added to
+  ``sqrt(vhat)``), without ``amsbound``, which is always on here.
 
   Returns:
     The optimizer, an ``optax.GradientTransformation``.

@@ -145,12 +145,8 @@ def partial_rmsprop(
     5.90e-10
 
   References:
-    Tieleman, Hinton, Lecture 6.5 (RMSprop), COURSERA: Neural Networks for
-    Machine Learning, 2012.
-
-    Chen, Zhou, Tang, Yang, Cao, Gu, `Closing the Generalization Gap of Adaptive
-    Gradient Methods in Training Deep Neural Networks
-    <https://arxiv.org/abs/1806.06763>`_, IJCAI 2020 (Section 3).
+    Those of :func:`scale_by_partial_rms` (Tieleman and Hinton's RMSprop; Chen et al.,
+    IJCAI 2020, Section 3).
   """
   _validation.check_interval("weight_decay", weight_decay, 0.0)
   if momentum is not None:

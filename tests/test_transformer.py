@@ -21,7 +21,7 @@ from test_ptb import PATTERN, write_corpus
 import padam_jax
 from examples import cli, metrics, optimizers
 from examples.ptb import __main__ as ptb_main
-from examples.ptb import models, train, transformer
+from examples.ptb import input_pipeline, models, train, transformer
 
 # optax's Adam and warmup-cosine schedule mix Python floats with the int32 step (see test_training.py).
 pytestmark = pytest.mark.standard_promotion
@@ -133,6 +133,27 @@ def test_window_longer_than_the_context_is_refused_before_the_data(tmp_path):
     train.train_and_evaluate(config)  # no corpus and no data folder: the check comes first
   with pytest.raises(ValueError, match="always ties"):
     models.get_spec("transformer-tiny", tie_weights=False)
+
+
+def test_windows_are_cut_without_overlap_and_shuffled_every_epoch():
+  rng = np.random.default_rng(0)
+  vocab = tuple(f"w{i}" for i in range(20))
+  stream = rng.integers(0, 20, 401).astype(np.int32)
+  corpus = input_pipeline.Corpus(vocab, stream, stream[:50], stream[:50])
+  config = train.Config(model="transformer-tiny", batch_size=4, bptt=8, workdir="unused")
+  task = train.make_task(config, corpus)
+  assert isinstance(task, train.TransformerTask) and task.init_carry(4) is None
+  assert task.steps_per_epoch == 50 // 4 and task.train_size == 48
+  windows = {tuple(stream[8 * w : 8 * w + 9]) for w in range(50)}  # 400 pairs: 50 windows
+  seen = []
+  for epoch in (1, 2):
+    batches = list(task.train_batches(epoch, jax.random.key(epoch)))
+    rows = [np.concatenate([i, t[-1:]]) for b in batches for i, t in zip(*b.values(), strict=True)]
+    for batch in batches:
+      np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert all(tuple(row) in windows for row in rows) and len({tuple(r) for r in rows}) == 48
+    seen.append([tuple(r) for r in rows])
+  assert seen[0] != seen[1]
 
 
 # The registry's lm task.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -120,18 +120,6 @@ class Cifar10Task(training.Task):
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return models.create_model(self.model_name, rngs=rngs, dtype=self.dtype)
-
-  def train_batches(
-    self, epoch: int, rng: jax.Array, start: int = 0
-  ) -> Iterator[dict[str, jax.Array]]:
-    del epoch  # the rng already depends on it
-    # The loop cuts the batches on the devices (train_data, train_batch); this yields the same
-    # batches one at a time, for code that steps by hand.
-    data = jax.tree.map(jnp.asarray, self.train_data())
-    order = self.epoch_order(rng)
-    batch = jax.jit(self.train_batch)
-    for step in range(start, self.steps_per_epoch):
-      yield batch(data, order, jnp.int32(step))
 
   def train_data(self) -> dict[str, np.ndarray]:
     """The training images (uint8) and labels, to live on the devices."""

@@ -264,15 +264,8 @@ class TransformerTask(PtbTask):
     index = jax.lax.dynamic_slice_in_dim(order, step * self.batch_size, self.batch_size)
     return {"inputs": data["inputs"][index], "targets": data["targets"][index]}
 
-  def train_batches(
-    self, epoch: int, rng: jax.Array, start: int = 0
-  ) -> Iterator[dict[str, jax.Array]]:
-    del epoch  # the rng already depends on it
-    data = jax.tree.map(jnp.asarray, self.train_data())
-    order = self.epoch_order(rng)
-    batch = jax.jit(self.train_batch)
-    for step in range(start, self.steps_per_epoch):
-      yield batch(data, order, jnp.int32(step))
+  # The windows in this epoch's order, one batch at a time (not the LSTM's windows in order).
+  train_batches = training.Task.train_batches
 
 
 def make_task(config: Config, corpus: input_pipeline.Corpus) -> PtbTask:

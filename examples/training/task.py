@@ -110,8 +110,19 @@ class Task:
     ``rng`` is derived from the seed and the epoch only, so the same epoch always gets the same
     batches in the same order, and a run resumed inside an epoch (``start`` > 0) gets the rest of
     them (exact resumption depends on it).
+
+    A task that gives :meth:`train_data` needs no other: the loop cuts its batches on the devices,
+    and this default yields the same batches one at a time, for code that steps by hand.
     """
-    raise NotImplementedError
+    del epoch  # the rng already depends on it
+    data = self.train_data()
+    if data is None:
+      raise NotImplementedError
+    data = jax.tree.map(jnp.asarray, data)
+    order = self.epoch_order(rng)
+    batch = jax.jit(self.train_batch)
+    for step in range(start, self.steps_per_epoch):
+      yield batch(data, order, jnp.int32(step))
 
   def train_data(self) -> Any | None:
     """The arrays every epoch's batches are cut from, placed on the devices once (replicated), or
