@@ -235,16 +235,7 @@ def make_optimizer(
     ValueError: for an unknown name, task or override key (the message lists the
       valid ones), or non-positive step counts.
   """
-  hyperparams = paper_hyperparams(name, task)
-  unknown = sorted(set(overrides) - set(hyperparams))
-  if unknown:
-    valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
-    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
-  hyperparams.update(overrides)
-  _apply_state_bits(name, hyperparams, state_bits)
-  _check_dtypes(name, hyperparams)
-  if learning_rate is not None:
-    hyperparams["learning_rate"] = learning_rate
+  hyperparams = _hyperparams(name, task, overrides, state_bits, learning_rate)
   for arg, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -255,19 +246,7 @@ def make_optimizer(
     schedule = warmup_cosine_schedule(lr0, total_steps)
   else:
     schedule = step_decay_schedule(lr0, total_steps)
-
-  if name == "adamw" and hyperparams["weight_decay"] is None:
-    _check_sizes(name, batch_size, train_size)
-    hyperparams["weight_decay"] = normalized_weight_decay(
-      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
-    )
-  if name == "padamw" and hyperparams["weight_decay_normalized"] is not None:
-    # padamw multiplies its decay by lr_t: lambda / lr_0 makes the step's decay (lr_t / lr_0) lambda.
-    _check_sizes(name, batch_size, train_size)
-    decay = normalized_weight_decay(
-      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
-    )
-    hyperparams["weight_decay"] = decay / lr0
+  _normalize_decay(name, hyperparams, batch_size, train_size, epochs)
   entry = REGISTRY[name]
   if entry.anneal:
     hyperparams["anneal_steps"] = max(1, int(hyperparams["anneal_fraction"] * total_steps))
@@ -277,14 +256,7 @@ def make_optimizer(
   # A decoupled decay is added after the optimizer's own update (its builder decays nothing).
   tx = entry.build(schedule, {**hyperparams, "weight_decay": 0.0} if lm else dict(hyperparams))
   if decoupled:
-    decay = hyperparams["weight_decay"]
-    tx = optax.chain(
-      tx,
-      optax.add_decayed_weights(
-        lambda count: -decay * schedule(count) / lr0,
-        matrices if weight_decay_mask is None else weight_decay_mask,
-      ),
-    )
+    tx = _with_decoupled_decay(tx, hyperparams["weight_decay"], schedule, lr0, weight_decay_mask)
   if state_bits == 8:
     tx = padam_jax.with_quantized_state(tx)
   log = {
@@ -299,6 +271,67 @@ def make_optimizer(
     "train_size": train_size,
   }
   return OptimizerSetup(tx=tx, learning_rate=schedule, hyperparams=log)
+
+
+def _hyperparams(
+  name: str,
+  task: str,
+  overrides: Mapping[str, Any],
+  state_bits: int,
+  learning_rate: float | None,
+) -> dict[str, Any]:
+  """The registry's hyperparameters with ``overrides``, ``state_bits`` and ``learning_rate``
+  applied; ValueError for an unknown key or a bad dtype."""
+  hyperparams = paper_hyperparams(name, task)
+  unknown = sorted(set(overrides) - set(hyperparams))
+  if unknown:
+    valid = ", ".join(["learning_rate", *sorted(k for k in hyperparams if k != "learning_rate")])
+    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
+  hyperparams.update(overrides)
+  _apply_state_bits(name, hyperparams, state_bits)
+  _check_dtypes(name, hyperparams)
+  if learning_rate is not None:
+    hyperparams["learning_rate"] = learning_rate
+  return hyperparams
+
+
+def _normalize_decay(
+  name: str,
+  hyperparams: dict[str, Any],
+  batch_size: int | None,
+  train_size: int | None,
+  epochs: int,
+) -> None:
+  """AdamW's and PadamW's normalized weight decay, when they use it, as the decay they apply."""
+  if name == "adamw" and hyperparams["weight_decay"] is None:
+    _check_sizes(name, batch_size, train_size)
+    hyperparams["weight_decay"] = normalized_weight_decay(
+      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
+    )
+  if name == "padamw" and hyperparams["weight_decay_normalized"] is not None:
+    # padamw multiplies its decay by lr_t: lambda / lr_0 makes the step's decay (lr_t / lr_0) lambda.
+    _check_sizes(name, batch_size, train_size)
+    decay = normalized_weight_decay(
+      hyperparams["weight_decay_normalized"], batch_size, train_size, epochs
+    )
+    hyperparams["weight_decay"] = decay / float(hyperparams["learning_rate"])
+
+
+def _with_decoupled_decay(
+  tx: optax.GradientTransformation,
+  decay: float,
+  schedule: optax.Schedule,
+  lr0: float,
+  mask: Any,
+) -> optax.GradientTransformation:
+  """``tx``, then ``x <- x - (lr_t / lr_0) * decay * x`` on the leaves ``mask`` selects (default:
+  :func:`matrices`)."""
+  return optax.chain(
+    tx,
+    optax.add_decayed_weights(
+      lambda count: -decay * schedule(count) / lr0, matrices if mask is None else mask
+    ),
+  )
 
 
 def _schedule_log(lm: bool, total_steps: int) -> dict[str, Any]:
