@@ -464,4 +464,6 @@ def run(
     if "examples.peers" in sys.modules:  # a collective may have failed for a lost process
       sys.modules["examples.peers"].settle()
     raise
+  finally:
+    created_folders.clear()  # the next run in this process (a test's, a sweep's) starts afresh
   return EXIT_OK

@@ -357,7 +357,17 @@ def create_model(
     >>> logits.shape, carry[1][0].shape
     ((3, 7, 50), (3, 32))
   """
-  spec = get_spec(name, tie_weights=tie_weights)
+  return build(get_spec(name, tie_weights=tie_weights), vocab_size, rngs=rngs, dtype=dtype)
+
+
+def build(
+  spec: ModelSpec | transformer.TransformerSpec,
+  vocab_size: int,
+  *,
+  rngs: nnx.Rngs,
+  dtype: jax.typing.DTypeLike = jnp.float32,
+) -> LSTMLanguageModel | transformer.TransformerLanguageModel:
+  """Builds the language model that ``spec`` describes (see :func:`create_model`)."""
   if isinstance(spec, transformer.TransformerSpec):
     return transformer.TransformerLanguageModel(spec, vocab_size, rngs=rngs, dtype=dtype)
   return LSTMLanguageModel(spec, vocab_size, rngs=rngs, dtype=dtype)

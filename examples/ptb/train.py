@@ -139,10 +139,7 @@ class PtbTask(training.Task):
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size
     self.test_every = config.test_every
-    self.train_windows = input_pipeline.bptt_windows(
-      corpus.train, config.batch_size, self.bptt, pad=False
-    )
-    self.steps_per_epoch = int(self.train_windows.inputs.shape[0])
+    self.steps_per_epoch = self._cut_training_stream(np.asarray(corpus.train))
     self.train_size = self.steps_per_epoch * config.batch_size
     self._eval_windows: dict[str, input_pipeline.Windows] | None = None
     arrays = {"vocab": np.frombuffer("\n".join(corpus.vocab).encode(), np.uint8)}
@@ -152,12 +149,17 @@ class PtbTask(training.Task):
       "sha256": training.fingerprint(arrays),
     }
 
+  def _cut_training_stream(self, tokens: np.ndarray) -> int:
+    """Cuts the training stream into this model's training windows; returns the steps per epoch."""
+    self.train_windows = input_pipeline.bptt_windows(tokens, self.batch_size, self.bptt, pad=False)
+    return int(self.train_windows.inputs.shape[0])
+
   def describe_data(self) -> dict[str, Any]:
     """The three files and the SHA-256 of the vocabulary and the token streams used."""
     return self._data
 
   def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return models.LSTMLanguageModel(self.spec, self.vocab_size, rngs=rngs, dtype=self.dtype)
+    return models.build(self.spec, self.vocab_size, rngs=rngs, dtype=self.dtype)
 
   def transform(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
     if self.clip == 0:
@@ -226,27 +228,21 @@ class TransformerTask(PtbTask):
 
   weight_decay_mask = staticmethod(transformer.decay_mask)
 
-  def __init__(self, config: Config, corpus: input_pipeline.Corpus):
-    super().__init__(config, corpus)
+  def _cut_training_stream(self, tokens: np.ndarray) -> int:
+    """Cuts the training stream into windows of the context length, to be shuffled every epoch."""
     length = self.bptt
-    count = (corpus.train.size - 1) // length  # windows of ``length`` (input, target) pairs
-    self.steps_per_epoch = count // config.batch_size
-    if self.steps_per_epoch < 1:
+    count = (tokens.size - 1) // length  # windows of ``length`` (input, target) pairs
+    steps = count // self.batch_size
+    if steps < 1:
       raise ValueError(
-        f"batch size {config.batch_size} exceeds the {count} windows of {length} tokens of the "
+        f"batch size {self.batch_size} exceeds the {count} windows of {length} tokens of the "
         "training stream"
       )
-    self.train_size = self.steps_per_epoch * config.batch_size
-    tokens = np.asarray(corpus.train)
     self._windows = {
       "inputs": tokens[: count * length].reshape(count, length),
       "targets": tokens[1 : count * length + 1].reshape(count, length),
     }
-
-  def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return transformer.TransformerLanguageModel(
-      self.spec, self.vocab_size, rngs=rngs, dtype=self.dtype
-    )
+    return steps
 
   def init_carry(self, batch_size: int) -> None:
     del batch_size
