@@ -55,7 +55,10 @@ def random_bits(x: jax.Array, count: jax.typing.ArrayLike, stream: int) -> jax.A
   global index. The same arguments give the same bits, however ``x`` is sharded."""
   count = jnp.asarray(count).astype(jnp.uint32)
   key = _mix(_mix(count ^ _GOLDEN) ^ np.uint32((stream * 0x85EBCA6B + 0x632BE5AB) % 2**32))
-  return _mix(_mix(global_index(x) ^ key) + key)
+  # One round per element: the key is already well mixed, and the round is a bijection with full
+  # avalanche, so neighbouring indices get unrelated words (tests/test_state_dtype.py measures the
+  # rounding's bias and the bits' balance).
+  return _mix(global_index(x) ^ key)
 
 
 def uniform(bits: jax.Array) -> jax.Array:
@@ -74,10 +77,13 @@ def stochastic_round(x: jax.Array, dtype: jax.typing.DTypeLike, bits: jax.Array)
 
   Of the two neighbours ``lo <= x <= hi`` in ``dtype``, ``hi`` is taken with probability
   ``(x - lo) / (hi - lo)`` (the uniform variate from ``bits``), so the expected result is
-  ``x``. Values of ``dtype`` come back unchanged; so do infinities and NaN, and values beyond
-  ``dtype``'s range round as ``astype`` does.
+  ``x``. Values of ``dtype`` come back unchanged; so do infinities and NaN. Values beyond
+  ``dtype``'s range round as ``astype`` does, except in bfloat16, where one above the largest
+  finite value rounds up to infinity with the probability of its distance.
   """
   dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:
+    return _stochastic_round_bfloat16(x, bits)
   nearest = x.astype(dtype)
   back = nearest.astype(jnp.float32)
   code = jax.lax.bitcast_convert_type(nearest, _UNSIGNED[dtype.itemsize])
@@ -87,6 +93,19 @@ def stochastic_round(x: jax.Array, dtype: jax.typing.DTypeLike, bits: jax.Array)
   # Both differences are exact (Sterbenz); a NaN or infinite ratio never selects `other`.
   probability = (x - back) / (other.astype(jnp.float32) - back)
   return jnp.where(uniform(bits) < probability, other, nearest)
+
+
+def _stochastic_round_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+  """:func:`stochastic_round` to bfloat16 in integer arithmetic: bfloat16 is the upper half of
+  float32's bits, so adding 16 random bits to the lower half carries into the upper half with
+  probability (lower half) / 2**16, the distance to the neighbour below in units of the gap:
+  exactly unbiased for every float32, zeros, subnormals and infinities included (their lower half
+  is 0 or carries nothing). A value above bfloat16's largest rounds up to infinity with that
+  probability; NaN is kept as ``astype`` keeps it (a payload in the lower half only would
+  truncate to infinity)."""
+  word = jax.lax.bitcast_convert_type(x, jnp.uint32) + (bits >> 16)
+  rounded = jax.lax.bitcast_convert_type((word >> 16).astype(jnp.uint16), jnp.bfloat16)
+  return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 
 
 def store(

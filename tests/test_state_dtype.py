@@ -41,6 +41,46 @@ def test_stochastic_rounding_is_unbiased_between_two_neighbours(dtype, low, high
   np.testing.assert_array_equal(kept, np.asarray(exact))
 
 
+def test_bfloat16_rounding_matches_a_numpy_reference():
+  # Every kind of float32: normal values of any magnitude and sign, subnormals, values near
+  # bfloat16's largest, exact bfloat16 values, zeros, infinities.
+  rng = np.random.default_rng(0)
+  n = 4096
+  x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-40, 38, n)).astype(np.float32)
+  x[:8] = [0.0, -0.0, np.inf, -np.inf, 1.0, -1.5, 3.3895314e38, -3.39e38]
+  x[8:16] = np.float32(1e-45) * np.arange(1, 9)
+  bits = rng.integers(0, 2**32, n, dtype=np.uint32)
+  got = np.asarray(_rounding.stochastic_round(jnp.asarray(x), BF16, jnp.asarray(bits)))
+  # The reference: the neighbours of |x| in bfloat16 (towards and away from zero) from float64
+  # arithmetic, and "up" when the uniform variate of the bits' upper 16 bits reaches 1 - p.
+  bf = ml_dtypes.bfloat16
+  magnitude = np.abs(x.astype(np.float64))
+  low = magnitude.astype(np.float32).astype(bf)  # nearest; step down where it rounded up
+  low = np.where(low.astype(np.float64) > magnitude, np.nextafter(low, bf(0)), low)
+  high = np.where(low.astype(np.float64) == magnitude, low, np.nextafter(low, bf(np.inf)))
+  with np.errstate(invalid="ignore"):
+    gap = high.astype(np.float64) - low.astype(np.float64)
+    # Above the largest finite value the next code is infinity, one binade's gap away.
+    gap = np.where(np.isinf(high) & np.isfinite(low), 2.0**128 - low.astype(np.float64), gap)
+    p = np.where(np.isfinite(gap) & (gap > 0), (magnitude - low.astype(np.float64)) / gap, 0.0)
+  u = (bits >> 16).astype(np.float64) / 2**16
+  expected = np.where(u >= 1 - p, high, low).astype(np.float64) * np.sign(x)
+  expected = np.where(x == 0, x, expected)  # keep the sign of zero
+  np.testing.assert_array_equal(got.astype(np.float64), expected)
+  assert np.isnan(np.asarray(_rounding.stochastic_round(jnp.float32(np.nan), BF16, 0)))
+
+
+def test_random_bits_are_balanced_and_unrelated_between_neighbours():
+  words = np.asarray(_rounding.random_bits(jnp.zeros(2**16), 5, 2))
+  per_bit = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+  tolerance = 5 * np.sqrt(0.25 / words.size)
+  assert np.max(np.abs(per_bit.mean(0) - 0.5)) < tolerance
+  # Neighbouring indices agree on half of their bits, as unrelated words do.
+  agree = 1 - np.mean(per_bit[1:] != per_bit[:-1])
+  assert abs(agree - 0.5) < tolerance
+  assert len(np.unique(words)) == words.size  # a bijection of the index
+
+
 def run_constant_gradient(tx, steps=5000, n=16):
   """The last update of ``steps`` updates of ``tx`` with the gradient 1e-2 everywhere."""
   g = jnp.full((n,), 1e-2, jnp.float32)
