@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from padam_jax import _rounding
+from padam_jax import _leafwise, _rounding
 
 # The block scale's exponent is stored in 7 bits (the header's eighth says which code).
 _MIN_EXPONENT, _MAX_EXPONENT = -64, 63
@@ -232,12 +232,33 @@ def dequantize_tree(tree: Any, headers: Any, like: Any = None) -> Any:
   return treedef.unflatten(decoded)
 
 
+def _groups(tree: Any, params: jax.tree_util.PyTreeDef) -> list[int | None]:
+  """Per leaf of ``tree``: the index of the parameter it belongs to, for the leaves of its subtrees
+  shaped as the parameters (a per-parameter moment), None for the others (counters)."""
+
+  def shaped(x: Any) -> bool:
+    return jax.tree.structure(x) == params
+
+  groups: list[int | None] = []
+  for piece in jax.tree.leaves(tree, is_leaf=shaped):
+    groups += list(range(params.num_leaves)) if shaped(piece) else [None]
+  return groups
+
+
+def _state_groups(state: Any, params: jax.tree_util.PyTreeDef) -> list[int | None]:
+  """:func:`_groups` of a :class:`QuantizedState`: each header in its leaf's group."""
+  inner = _groups(state.inner_state, params)
+  headers = [g for g, h in zip(inner, _header_list(state.headers), strict=True) if h is not None]
+  return [None, *inner, *headers]
+
+
 def with_quantized_state(
   tx: optax.GradientTransformation,
   *,
   bits: int = 8,
   block_size: int = 16,
   min_size: int = 4096,
+  leafwise: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the state of ``tx`` in 8 bits per element: block-wise codes, stochastically rounded.
 
@@ -278,6 +299,10 @@ def with_quantized_state(
     block_size: elements per block along the last axis, ``>= 1``; smaller blocks adapt the scale
       to smaller regions and cost more headers.
     min_size: leaves with fewer elements are kept as they are.
+    leafwise: decode, update and encode one parameter's state after another, so that the step's
+      temporary buffers hold the float32 state of one parameter rather than of all (where the
+      compiler keeps the order: XLA:TPU does, XLA:CPU does not). The values are the same. Where
+      ``tx`` couples parameters (a global norm), the update runs whole.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`QuantizedState`; its
@@ -322,9 +347,30 @@ def with_quantized_state(
   ) -> tuple[optax.Updates, QuantizedState]:
     # The dtypes of the wrapped state's leaves, from its abstract value (nothing is computed).
     like = jax.eval_shape(inner.init, updates if params is None else params)
-    inner_state = dequantize_tree(state.inner_state, state.headers, like)
-    updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
-    count = optax.safe_increment(state.count)
-    return updates, QuantizedState(count, *quantize_tree(inner_state, block_size, min_size, count))
+
+    def whole(updates, state, params):
+      inner_state = dequantize_tree(state.inner_state, state.headers, like)
+      updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
+      count = optax.safe_increment(state.count)
+      return updates, QuantizedState(
+        count, *quantize_tree(inner_state, block_size, min_size, count)
+      )
+
+    treedef = jax.tree.structure(updates)
+    if not leafwise or treedef.num_leaves < 2:
+      return whole(updates, state, params)
+    args, in_tree = jax.tree.flatten((updates, state, params))
+    out = jax.eval_shape(whole, updates, state, params)
+    out_leaves, out_tree = jax.tree.flatten(out)
+    no_params = [] if params is None else list(range(treedef.num_leaves))
+    in_groups = [*range(treedef.num_leaves), *_state_groups(state, treedef), *no_params]
+    out_groups = [*range(treedef.num_leaves), *_state_groups(out[1], treedef)]
+    if len(in_groups) != len(args) or len(out_groups) != len(out_leaves):
+      return whole(updates, state, params)  # parameters not shaped as the updates
+
+    def flat(*leaves):
+      return jax.tree.leaves(whole(*jax.tree.unflatten(in_tree, leaves)))
+
+    return jax.tree.unflatten(out_tree, _leafwise.call(flat, args, in_groups, out_groups))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -6,6 +6,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -248,6 +249,54 @@ def test_held_by_an_nnx_optimizer_eagerly_and_in_a_jitted_functional_step():
   for g, want in zip(grads[2:], expected[2:], strict=True):
     state = step(state, g)
     check(state, want)
+
+
+def _primitives(jaxpr) -> set[str]:
+  """The names of the primitives of ``jaxpr`` and of the jaxprs nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+# Padam's moments are per parameter: one part per parameter, in order. A global norm couples the
+# parameters: that update runs whole.
+@pytest.mark.parametrize(
+  ("inner", "in_parts"),
+  [
+    pytest.param(lambda: padam_jax.padam(0.1, weight_decay=1e-3), True, id="padam"),
+    pytest.param(
+      lambda: optax.chain(optax.clip_by_global_norm(1e-3), optax.adam(1e-2)),
+      False,
+      id="clipped-adam",
+      marks=pytest.mark.standard_promotion,  # optax.adam's bias correction mixes int and float
+    ),
+  ],
+)
+def test_leafwise_update_gives_the_same_bits_as_the_whole_one(inner, in_parts):
+  params = {
+    "w": jnp.linspace(-1.0, 1.0, 64 * 32).reshape(64, 32),
+    "v": jnp.linspace(0.5, 2.0, 16 * 32).reshape(16, 32),
+    "b": jnp.linspace(-0.1, 0.1, 32),
+  }
+  grads = jax.tree.map(lambda x: jnp.cos(7.0 * x) * 1e-2, params)
+  runs = {}
+  for leafwise in (True, False):
+    tx = padam_jax.with_quantized_state(inner(), block_size=16, min_size=256, leafwise=leafwise)
+
+    def steps(params, grads, tx=tx):
+      state = tx.init(params)
+      for t in range(3):
+        updates, state = tx.update(jax.tree.map(lambda g, k=t + 1: k * g, grads), state, params)
+        params = optax.apply_updates(params, updates)
+      return params, state
+
+    runs[leafwise] = jax.jit(steps)(params, grads)
+    barriers = "optimization_barrier" in _primitives(jax.make_jaxpr(steps)(params, grads).jaxpr)
+    assert barriers == (leafwise and in_parts)
+  jax.tree.map(np.testing.assert_array_equal, runs[True], runs[False])
 
 
 def test_bad_arguments_are_refused():

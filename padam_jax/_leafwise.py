@@ -1,0 +1,88 @@
+"""Running a function of a whole parameter tree one parameter at a time, in a fixed order.
+
+An optimizer update whose state is stored compactly decodes it to float32, updates it and encodes
+it again. Traced as one function of the whole tree, the compiler is free to decode every leaf
+before it encodes any, and the float32 copies of the whole state become the step's temporaries:
+more memory at the peak than a float32 state needs. :func:`call` traces the function once, cuts
+its program into one part per parameter (the operations its outputs for that parameter need), and
+runs the parts in order, each behind an ``optimization_barrier`` that holds the previous part's
+outputs: the next parameter's work cannot start before the last one's is done, so its temporaries
+are freed first. The operations and their inputs are those of the whole function, so the results
+are the same values.
+
+When a parameter's outputs need another parameter's inputs (a global norm, say), the parts would
+repeat that work for every parameter; :func:`call` then runs the function whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core
+
+Group = int | None  # the parameter an array belongs to, or None for shared ones (counters, scalars)
+
+
+def _needed(jaxpr: core.Jaxpr, outvars: Sequence[Any]) -> tuple[list[Any], set[Any]]:
+  """The equations (in order) and the variables that ``outvars`` depend on."""
+  needed = {v for v in outvars if isinstance(v, core.Var)}
+  eqns = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars if isinstance(v, core.Var)):
+      eqns.append(eqn)
+      needed.update(v for v in eqn.invars if isinstance(v, core.Var))
+  return eqns[::-1], needed
+
+
+def call(
+  fn: Callable[..., Sequence[jax.Array]],
+  args: Sequence[jax.Array],
+  in_groups: Sequence[Group],
+  out_groups: Sequence[Group],
+) -> list[jax.Array]:
+  """``fn(*args)``, computed one group of outputs after another.
+
+  Args:
+    fn: a function of arrays returning a sequence of arrays.
+    args: its arguments.
+    in_groups: per argument, the group (parameter index) it belongs to, or None if every group
+      may read it.
+    out_groups: per output, its group, or None for outputs that only shared arguments make.
+
+  Returns:
+    The outputs of ``fn(*args)``, in order.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  jaxpr = closed.jaxpr
+  groups = sorted({g for g in out_groups if g is not None})
+  if len(groups) < 2:
+    return list(core.jaxpr_as_fun(closed)(*args))
+  group_of = dict(zip(jaxpr.invars, in_groups, strict=True))
+  parts = []
+  for group in [*groups, None]:
+    outputs = [i for i, g in enumerate(out_groups) if g == group]
+    outvars = [jaxpr.outvars[i] for i in outputs]
+    eqns, needed = _needed(jaxpr, outvars)
+    invars = [v for v in jaxpr.invars if v in needed]
+    if any(group_of[v] not in (None, group) for v in invars):
+      return list(core.jaxpr_as_fun(closed)(*args))  # not separable: run it whole
+    constvars = [v for v in jaxpr.constvars if v in needed]
+    consts = [c for v, c in zip(jaxpr.constvars, closed.consts, strict=True) if v in needed]
+    debug = core.DebugInfo(
+      "leafwise", jaxpr.debug_info.func_src_info, (None,) * len(invars), (None,) * len(outvars)
+    )
+    part = core.Jaxpr(constvars, invars, outvars, eqns, jaxpr.effects, debug)
+    parts.append((outputs, core.ClosedJaxpr(part, consts), invars))
+  index = {v: i for i, v in enumerate(jaxpr.invars)}
+  results: list[Any] = [None] * len(out_groups)
+  previous: list[Any] = []
+  for outputs, part, invars in parts:
+    inputs = [args[index[v]] for v in invars]
+    if previous:  # nothing of this part starts before the previous part's outputs exist
+      inputs, _ = jax.lax.optimization_barrier((inputs, previous))
+    previous = list(core.jaxpr_as_fun(part)(*inputs))
+    for i, value in zip(outputs, previous, strict=True):
+      results[i] = value
+  return results
