@@ -15,16 +15,26 @@ import os
 import shutil
 import tempfile
 
-_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-if _FLAGS not in os.environ.get("XLA_FLAGS", ""):  # an xdist worker has its controller's
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAGS}".strip()
+# Once each (an xdist worker inherits its controller's flags).
+os.environ["XLA_FLAGS"] = " ".join(
+  dict.fromkeys(
+    [
+      *os.environ.get("XLA_FLAGS", "").split(),
+      "--xla_force_host_platform_device_count=8",
+      "--xla_backend_optimization_level=0",
+    ]
+  )
+)
 
 # Many tests compile the same small programs again (a run and its resumption, a trainer run in a
 # subprocess): JAX's persistent compilation cache, in a folder of this test session only (the
 # variables reach the subprocesses too), compiles each of them once.
 # pytest-xdist's workers share the folder their controller made.
-if "PYTEST_XDIST_WORKER" not in os.environ:
-  os.environ["PADAM_JAX_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="padam-jax-tests-xla-cache-")
+os.environ["PADAM_JAX_TESTS_XLA_CACHE"] = (
+  os.environ["PADAM_JAX_TESTS_XLA_CACHE"]
+  if "PYTEST_XDIST_WORKER" in os.environ
+  else tempfile.mkdtemp(prefix="padam-jax-tests-xla-cache-")
+)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["PADAM_JAX_TESTS_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
