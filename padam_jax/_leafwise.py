@@ -36,6 +36,33 @@ def _needed(jaxpr: core.Jaxpr, outvars: Sequence[Any]) -> tuple[list[Any], set[A
   return eqns[::-1], needed
 
 
+def _parts(
+  closed: core.ClosedJaxpr, in_groups: Sequence[Group], out_groups: Sequence[Group]
+) -> list[tuple[list[int], core.ClosedJaxpr, list[Any]]] | None:
+  """Per group of outputs (the parameters', then the shared ones): the outputs' positions, the
+  program that computes them and its input variables; None when a group needs another's inputs."""
+  jaxpr = closed.jaxpr
+  group_of = dict(zip(jaxpr.invars, in_groups, strict=True))
+  parts = []
+  for group in [*sorted({g for g in out_groups if g is not None}), None]:
+    outputs = [i for i, g in enumerate(out_groups) if g == group]
+    if not outputs:
+      continue
+    outvars = [jaxpr.outvars[i] for i in outputs]
+    eqns, needed = _needed(jaxpr, outvars)
+    invars = [v for v in jaxpr.invars if v in needed]
+    if any(group_of[v] not in (None, group) for v in invars):
+      return None
+    constvars = [v for v in jaxpr.constvars if v in needed]
+    consts = [c for v, c in zip(jaxpr.constvars, closed.consts, strict=True) if v in needed]
+    debug = core.DebugInfo(
+      "leafwise", jaxpr.debug_info.func_src_info, (None,) * len(invars), (None,) * len(outvars)
+    )
+    part = core.Jaxpr(constvars, invars, outvars, eqns, jaxpr.effects, debug)
+    parts.append((outputs, core.ClosedJaxpr(part, consts), invars))
+  return parts
+
+
 def call(
   fn: Callable[..., Sequence[jax.Array]],
   args: Sequence[jax.Array],
@@ -55,27 +82,12 @@ def call(
     The outputs of ``fn(*args)``, in order.
   """
   closed = jax.make_jaxpr(fn)(*args)
-  jaxpr = closed.jaxpr
-  groups = sorted({g for g in out_groups if g is not None})
-  if len(groups) < 2:
+  parts = None
+  if len({g for g in out_groups if g is not None}) > 1:
+    parts = _parts(closed, in_groups, out_groups)
+  if parts is None:  # one group, or not separable: run it whole
     return list(core.jaxpr_as_fun(closed)(*args))
-  group_of = dict(zip(jaxpr.invars, in_groups, strict=True))
-  parts = []
-  for group in [*groups, None]:
-    outputs = [i for i, g in enumerate(out_groups) if g == group]
-    outvars = [jaxpr.outvars[i] for i in outputs]
-    eqns, needed = _needed(jaxpr, outvars)
-    invars = [v for v in jaxpr.invars if v in needed]
-    if any(group_of[v] not in (None, group) for v in invars):
-      return list(core.jaxpr_as_fun(closed)(*args))  # not separable: run it whole
-    constvars = [v for v in jaxpr.constvars if v in needed]
-    consts = [c for v, c in zip(jaxpr.constvars, closed.consts, strict=True) if v in needed]
-    debug = core.DebugInfo(
-      "leafwise", jaxpr.debug_info.func_src_info, (None,) * len(invars), (None,) * len(outvars)
-    )
-    part = core.Jaxpr(constvars, invars, outvars, eqns, jaxpr.effects, debug)
-    parts.append((outputs, core.ClosedJaxpr(part, consts), invars))
-  index = {v: i for i, v in enumerate(jaxpr.invars)}
+  index = {v: i for i, v in enumerate(closed.jaxpr.invars)}
   results: list[Any] = [None] * len(out_groups)
   previous: list[Any] = []
   for outputs, part, invars in parts:
