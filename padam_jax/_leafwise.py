@@ -64,37 +64,42 @@ def _parts(
 
 
 def call(
-  fn: Callable[..., Sequence[jax.Array]],
-  args: Sequence[jax.Array],
-  in_groups: Sequence[Group],
-  out_groups: Sequence[Group],
-) -> list[jax.Array]:
+  fn: Callable[..., Any], args: Sequence[Any], groups: Callable[[Any], Sequence[Group]]
+) -> Any:
   """``fn(*args)``, computed one group of outputs after another.
 
   Args:
-    fn: a function of arrays returning a sequence of arrays.
+    fn: a function of pytrees of arrays returning a pytree of arrays.
     args: its arguments.
-    in_groups: per argument, the group (parameter index) it belongs to, or None if every group
-      may read it.
-    out_groups: per output, its group, or None for outputs that only shared arguments make.
+    groups: given ``args`` (as a tuple), or ``fn``'s output (as ``jax.ShapeDtypeStruct``), the
+      group (parameter index) of each of its leaves, in ``jax.tree.leaves`` order: None for a leaf
+      every group may read (a counter) or that only such leaves make.
 
   Returns:
-    The outputs of ``fn(*args)``, in order.
+    The output of ``fn(*args)``; computed whole when it has fewer than two groups, when
+    ``groups`` does not give one per leaf, or when a group's outputs need another's inputs.
   """
-  closed = jax.make_jaxpr(fn)(*args)
+  closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  flat_args = jax.tree.leaves(args)
+  out_tree = jax.tree.structure(shape)
+  in_groups, out_groups = list(groups(tuple(args))), list(groups(shape))
   parts = None
-  if len({g for g in out_groups if g is not None}) > 1:
+  if (
+    len(in_groups) == len(flat_args)
+    and len(out_groups) == out_tree.num_leaves
+    and len({g for g in out_groups if g is not None}) > 1
+  ):
     parts = _parts(closed, in_groups, out_groups)
-  if parts is None:  # one group, or not separable: run it whole
-    return list(core.jaxpr_as_fun(closed)(*args))
+  if parts is None:
+    return out_tree.unflatten(core.jaxpr_as_fun(closed)(*flat_args))
   index = {v: i for i, v in enumerate(closed.jaxpr.invars)}
   results: list[Any] = [None] * len(out_groups)
   previous: list[Any] = []
   for outputs, part, invars in parts:
-    inputs = [args[index[v]] for v in invars]
+    inputs = [flat_args[index[v]] for v in invars]
     if previous:  # nothing of this part starts before the previous part's outputs exist
       inputs, _ = jax.lax.optimization_barrier((inputs, previous))
     previous = list(core.jaxpr_as_fun(part)(*inputs))
     for i, value in zip(outputs, previous, strict=True):
       results[i] = value
-  return results
+  return out_tree.unflatten(results)

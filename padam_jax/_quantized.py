@@ -359,18 +359,17 @@ def with_quantized_state(
     treedef = jax.tree.structure(updates)
     if not leafwise or treedef.num_leaves < 2:
       return whole(updates, state, params)
-    args, in_tree = jax.tree.flatten((updates, state, params))
-    out = jax.eval_shape(whole, updates, state, params)
-    out_leaves, out_tree = jax.tree.flatten(out)
-    no_params = [] if params is None else list(range(treedef.num_leaves))
-    in_groups = [*range(treedef.num_leaves), *_state_groups(state, treedef), *no_params]
-    out_groups = [*range(treedef.num_leaves), *_state_groups(out[1], treedef)]
-    if len(in_groups) != len(args) or len(out_groups) != len(out_leaves):
-      return whole(updates, state, params)  # parameters not shaped as the updates
 
-    def flat(*leaves):
-      return jax.tree.leaves(whole(*jax.tree.unflatten(in_tree, leaves)))
+    def groups(tree: tuple[Any, ...]) -> list[int | None]:
+      # (updates, state[, params]): the updates and parameters by leaf, the state by _state_groups.
+      parameters = list(range(treedef.num_leaves))
+      return [
+        g
+        for part in tree
+        if part is not None
+        for g in (_state_groups(part, treedef) if isinstance(part, QuantizedState) else parameters)
+      ]
 
-    return jax.tree.unflatten(out_tree, _leafwise.call(flat, args, in_groups, out_groups))
+    return _leafwise.call(whole, (updates, state, params), groups)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
