@@ -26,7 +26,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 # XNNPACK kernels for XLA:CPU convolutions and matmuls: 1.3x-2x the images/s of a ResNet training
@@ -210,12 +210,19 @@ def _add_flag(group: Any, f: dataclasses.Field, annotation: Any, meta: Mapping[s
   group.add_argument(f"--{name}", **kwargs)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
-  """Adds a flag for every field of the dataclass ``config_type`` made with :func:`setting`.
+def add_config_flags(
+  parser: argparse.ArgumentParser,
+  config_type: type,
+  omit: Collection[str] = (),
+  launch_flags: bool = True,
+) -> None:
+  """Adds a flag for every field of the dataclass ``config_type`` made with :func:`setting`, but
+  those named in ``omit`` (they keep their defaults).
 
   The fields of its root class (``examples.training.LoopConfig``) go in a group shared by every
   trainer, together with ``--no-xnnpack`` and the launch flags (``--distributed``,
-  ``--coordinator``, ``--num-processes``, ``--process-id``); the task's own fields come first.
+  ``--coordinator``, ``--num-processes``, ``--process-id``; not with ``launch_flags`` False); the
+  task's own fields come first.
   A field ``name`` is set by ``--name`` (``_`` as ``-``, or its ``flag`` metadata) with the type of its
   annotation; a bool is a switch (``--no-NAME`` when it defaults to True; ``--NAME/--no-NAME`` when
   it may be None); a mapping is a repeatable ``KEY=VALUE`` (:func:`parse_hparam`). The default is
@@ -230,14 +237,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type) -> None
   for group, fields in ((parser, own), (shared, common)):
     for f in fields:
       meta = field_metadata(config_type, f.name)
-      if meta.get("cli", True) and "help" in meta:
+      if meta.get("cli", True) and "help" in meta and f.name not in omit:
         _add_flag(group, f, annotations[f.name], meta)
-  shared.add_argument(
-    "--no-xnnpack",
-    action="store_true",
-    help=f"do not add {XNNPACK_FLAG} to $XLA_FLAGS (XLA:CPU only)",
-  )
-  _add_launch_flags(shared)
+  if launch_flags:
+    shared.add_argument(
+      "--no-xnnpack",
+      action="store_true",
+      help=f"do not add {XNNPACK_FLAG} to $XLA_FLAGS (XLA:CPU only)",
+    )
+    _add_launch_flags(shared)
 
 
 def _add_launch_flags(group: Any) -> None:

@@ -15,6 +15,10 @@ import os
 import shutil
 import tempfile
 
+# The tests run on the CPU (with libtpu installed, for the pod planner's tests, JAX would otherwise
+# try to open a TPU in every process); a TPU topology is compiled for without a backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Once each (an xdist worker inherits its controller's flags).
 os.environ["XLA_FLAGS"] = " ".join(
   dict.fromkeys(

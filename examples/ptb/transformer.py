@@ -80,6 +80,12 @@ class TransformerSpec:
 TRANSFORMERS: dict[str, TransformerSpec] = {
   "transformer-tiny": TransformerSpec(num_layers=2, width=32, num_heads=2, context=16),
   "transformer-small": TransformerSpec(num_layers=4, width=128, num_heads=4, context=64),
+  # GPT-2/GPT-3 shapes (layers x width, heads of 64 or 128, context 1,024), for pod runs and their
+  # plans (benchmarks.pod_plan); with PTB's 10,000 words 93M, 313M, 696M and 1.23B parameters.
+  "transformer-12x768": TransformerSpec(num_layers=12, width=768, num_heads=12, context=1024),
+  "transformer-24x1024": TransformerSpec(num_layers=24, width=1024, num_heads=16, context=1024),
+  "transformer-24x1536": TransformerSpec(num_layers=24, width=1536, num_heads=12, context=1024),
+  "transformer-24x2048": TransformerSpec(num_layers=24, width=2048, num_heads=16, context=1024),
 }
 
 

@@ -77,14 +77,18 @@ def mesh_sizes(mesh: str | None, count: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(devices: int | None = None, mesh: str | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  devices: int | None = None, mesh: str | None = None, available: list[Any] | None = None
+) -> jax.sharding.Mesh:
   """The run's ``data`` x ``fsdp`` mesh over the first ``devices`` devices (all by default).
 
   Args:
     devices: how many devices, or None for all of them (of every process).
     mesh: the ``--mesh`` text (:func:`mesh_sizes`), or None for every device on ``data``.
+    available: the devices to choose from (default: ``jax.devices()``), e.g. the chips of a TPU
+      topology that is compiled for without being attached.
   """
-  available = jax.devices()
+  available = jax.devices() if available is None else list(available)
   count = len(available) if devices is None else devices
   if not 0 < count <= len(available):
     raise ValueError(f"asked for {devices} devices; {len(available)} are available")

@@ -47,6 +47,32 @@ def _create(
   return model, nnx.Optimizer(model, task.transform(tx), wrt=nnx.Param)
 
 
+def abstract_state(
+  task: Task, tx: optax.GradientTransformation, root: jax.Array, mesh: jax.sharding.Mesh
+) -> tuple[Model, Any]:
+  """The model's graphs and the shapes of the state :func:`make_state` creates, each a
+  ``jax.ShapeDtypeStruct`` carrying its sharding on ``mesh``: nothing is computed or allocated, so
+  ``mesh`` may hold devices that are not attached (a TPU topology compiled for ahead of time)."""
+  model, optimizer = nnx.eval_shape(functools.partial(_create, task, tx), root)
+  model.train()
+  train_graph = nnx.graphdef((model, optimizer))
+  model.eval()
+  eval_graph = nnx.graphdef((model, optimizer))
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  # The layout from the state as the program creates it (an optimizer state may hold pytrees of
+  # its own, such as quantized arrays, which are traced as they are).
+  shapes = jax.eval_shape(functools.partial(_created_state, task, tx), root)
+  shardings = devices.state_shardings(shapes, mesh)
+  placed = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  return Model(train_graph, eval_graph, int(num_params), shardings), placed
+
+
+def _created_state(task: Task, tx: optax.GradientTransformation, root: jax.Array) -> nnx.State:
+  return nnx.split(_create(task, tx, root))[1]
+
+
 def make_state(
   task: Task, tx: optax.GradientTransformation, root: jax.Array, mesh: jax.sharding.Mesh
 ) -> tuple[Model, nnx.State]:
@@ -60,30 +86,54 @@ def make_state(
     The model's graphs and the state of (model, optimizer) (parameters, batch statistics, RNG
     streams, optimizer state), laid out over ``mesh``.
   """
-  model, optimizer = nnx.eval_shape(functools.partial(_create, task, tx), root)
-  model.train()
-  train_graph = nnx.graphdef((model, optimizer))
-  model.eval()
-  eval_graph = nnx.graphdef((model, optimizer))
-  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-  def create(root):
-    return nnx.split(_create(task, tx, root))[1]
-
-  # The layout from the state as the program creates it (an optimizer state may hold pytrees of
-  # its own, such as quantized arrays, which are traced as they are).
-  shardings = devices.state_shardings(jax.eval_shape(create, root), mesh)
+  model, _ = abstract_state(task, tx, root, mesh)
   # One compiled program for all initializers: eagerly, XLA:CPU compiles a random-number kernel per
   # parameter shape, which costs seconds each on a small CPU.
-  state = jax.jit(create, out_shardings=shardings)(root)
-  return Model(train_graph, eval_graph, int(num_params), shardings), state
+  create = functools.partial(_created_state, task, tx)
+  state = jax.jit(create, out_shardings=model.shardings)(root)
+  return model, state
 
 
-def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoch_key, step):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x: jax.Array, whole: NamedSharding, split: NamedSharding) -> jax.Array:
+  del split
+  return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, whole, split):
+  return _gathered(x, whole, split), None
+
+
+def _gathered_bwd(whole, split, _, grad):
+  del whole
+  return (jax.lax.with_sharding_constraint(grad, split),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def gather_params(params: Any, whole: NamedSharding, split: Any) -> Any:
+  """``params`` whole on every device, gathered from their shards, for the forward and backward
+  passes; their gradients go back to the shards' layout ``split`` (summed over the devices and
+  split in one reduction, which XLA may lower as a reduce-scatter), not to every device whole.
+
+  This is fully sharded data parallelism (FSDP, ZeRO-3): each device computes on its own examples
+  with whole parameters and keeps only its shard of parameters, gradients and optimizer state.
+  Left to itself, XLA's sharding propagation may instead follow the parameters' split into the
+  activations and keep every example's activations on every device.
+  """
+  return jax.tree.map(lambda x, s: _gathered(x, whole, s), params, split)
+
+
+def _train_step(
+  task: Task, graph: nnx.GraphDef, gathered, state, carry, sums, batch, epoch_key, step
+):
   model, optimizer = nnx.merge(graph, state)
   rng = jax.random.fold_in(epoch_key, step)
 
   def loss_fn(model):
+    if gathered is not None:  # fsdp > 1: whole parameters, gradients back to their shards
+      nnx.update(model, gather_params(nnx.state(model, nnx.Param), *gathered))
     return task.loss(model, batch, carry, rng, train=True)
 
   (_, (carry, batch_sums)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -95,6 +145,7 @@ def _train_step(task: Task, graph: nnx.GraphDef, state, carry, sums, batch, epoc
 def _train_chunk(
   task: Task,
   graph: nnx.GraphDef,
+  gathered,
   sharded,
   loop: bool,
   state,
@@ -113,7 +164,7 @@ def _train_chunk(
   def body(step, values):
     state, carry, sums = values
     batch = jax.lax.with_sharding_constraint(task.train_batch(data, order, step), sharded)
-    return _train_step(task, graph, state, carry, sums, batch, epoch_key, step)
+    return _train_step(task, graph, gathered, state, carry, sums, batch, epoch_key, step)
 
   values = (state, carry, sums)
   # n is static: one step is the body alone (XLA:CPU runs a convolution inside a loop many times
@@ -155,31 +206,22 @@ class Steps:
     self._task = task
     self._train_graph = model.train_graph
     self._state_shardings = state = model.shardings
+    # Under fsdp > 1 the step gathers the parameters before it uses them (gather_params).
+    gathered = None
+    if mesh.shape[devices.FSDP_AXIS] > 1:
+      gathered = (self.replicated, nnx.filter_state(state[0], nnx.Param))
     # The key and the step index are host values of every process (None: replicated).
     self._train = jax.jit(
-      functools.partial(_train_step, task, model.train_graph),
+      functools.partial(_train_step, task, model.train_graph, gathered),
       donate_argnums=(0, 1, 2),
       in_shardings=(state, self.batch_sharded, self.replicated, self.batch_sharded, None, None),
       out_shardings=(state, self.batch_sharded, self.replicated),
     )
     self._compiled = None
     self._compiled_chunks: dict[bool, Any] = {}
-    self.eval = jax.jit(
-      functools.partial(_eval_step, task, model.eval_graph),
-      in_shardings=(state, self.batch_sharded, self.batch_sharded),
-      out_shardings=(self.batch_sharded, self.replicated),
-    )
-
-  def place_data(self, data: Any) -> Any:
-    """Places a task's :meth:`~Task.train_data` on every device, whole (each process places it on
-    its own devices), and compiles the chunk of steps and the epoch's order for it."""
-    if jax.process_count() == 1:
-      placed = jax.device_put(data, self.replicated)
-    else:
-      placed = jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.replicated), data)
-    self._order = jax.jit(self._task.epoch_order, out_shardings=self.replicated)
-    state = self._state_shardings
-    chunk = functools.partial(_train_chunk, self._task, self._train_graph, self.batch_sharded)
+    # For a task that gives its training data: the steps that cut their batches from it.
+    self._order = jax.jit(task.epoch_order, out_shardings=self.replicated)
+    chunk = functools.partial(_train_chunk, task, model.train_graph, gathered, self.batch_sharded)
     shardings = (state, self.batch_sharded, self.replicated, self.replicated, self.replicated)
     self._chunks = {
       loop: jax.jit(
@@ -190,7 +232,40 @@ class Steps:
       )
       for loop in (False, True)
     }
-    return placed
+    self.eval = jax.jit(
+      functools.partial(_eval_step, task, model.eval_graph),
+      in_shardings=(state, self.batch_sharded, self.batch_sharded),
+      out_shardings=(self.batch_sharded, self.replicated),
+    )
+
+  def place_data(self, data: Any) -> Any:
+    """Places a task's :meth:`~Task.train_data` on every device, whole (each process places it on
+    its own devices)."""
+    if jax.process_count() == 1:
+      return jax.device_put(data, self.replicated)
+    return jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.replicated), data)
+
+  def lower(
+    self,
+    state: Any,
+    carry: Carry,
+    sums: Sums,
+    key: jax.Array,
+    *,
+    batch: Batch = None,
+    data: Any = None,
+    order: Any = None,
+    steps_per_call: int = 1,
+  ) -> jax.stages.Lowered:
+    """The train step the loop calls, lowered for these arguments (arrays, or
+    ``jax.ShapeDtypeStruct`` with their shardings: nothing runs). Without ``data``, the step on
+    ``batch``; with a task's placed training data, the call that cuts its batches from them: one
+    step, or with ``steps_per_call`` > 1 a loop of any number of steps (``--steps-per-call``)."""
+    if data is None:
+      return self._train.lower(state, carry, sums, batch, key, np.int32(0))
+    loop = steps_per_call > 1
+    args = (state, carry, sums, data, order, key, np.int32(0), np.int32(max(steps_per_call, 2)))
+    return self._chunks[loop].lower(*args)
 
   def epoch_order(self, epoch_key: jax.Array) -> Any:
     """The task's order of an epoch's batches, computed on the devices."""
@@ -206,8 +281,10 @@ class Steps:
     """Compiles the call of one step (``loop`` False) or of several (True) for these shapes, once
     per run (any ``first`` and number of steps)."""
     if loop not in self._compiled_chunks:
-      args = (state, carry, sums, data, order, key, np.int32(0), np.int32(2))
-      self._compiled_chunks[loop] = self._chunks[loop].lower(*args).compile()
+      lowered = self.lower(
+        state, carry, sums, key, data=data, order=order, steps_per_call=2 if loop else 1
+      )
+      self._compiled_chunks[loop] = lowered.compile()
 
   def train_chunk(
     self, state, carry, sums, data, order, key: jax.Array, first: int, n: int
@@ -227,6 +304,19 @@ class Steps:
       return jax.device_put(tree, self.batch_sharded)
     return jax.tree.map(lambda x: devices.global_array(np.asarray(x), self.batch_sharded), tree)
 
+  def sum_names(self, state: Any, carry: Carry, batch: Batch, key: jax.Array) -> list[str]:
+    """The names of the metric sums the task's loss returns, found by tracing it (not running it);
+    the arguments may be ``jax.ShapeDtypeStruct``."""
+
+    def batch_sums(state, carry, batch, key):
+      model, _ = nnx.merge(self._train_graph, state)
+      return self._task.loss(model, batch, carry, key, train=True)[1][1]
+
+    names = sorted(jax.eval_shape(batch_sums, state, carry, batch, key))
+    if "count" not in names:
+      raise ValueError("Task.loss must return sums with a 'count' entry")
+    return names
+
   def zero_sums(
     self,
     state: Any,
@@ -235,25 +325,18 @@ class Steps:
     key: jax.Array,
     start: Mapping[str, float] | None = None,
   ) -> Sums:
-    """The metric sums the task's loss returns (found by tracing it, not running it), each at its
-    value in ``start`` (a run resumed inside an epoch) or zero."""
-
-    def batch_sums(state, carry, batch):
-      model, _ = nnx.merge(self._train_graph, state)
-      return self._task.loss(model, batch, carry, key, train=True)[1][1]
-
-    keys = jax.eval_shape(batch_sums, state, carry, batch)
+    """The metric sums the task's loss returns (:meth:`sum_names`), each at its value in ``start``
+    (a run resumed inside an epoch) or zero."""
+    names = self.sum_names(state, carry, batch, key)
     start = start or {}
-    if "count" not in keys:
-      raise ValueError("Task.loss must return sums with a 'count' entry")
-    if start and set(start) != set(keys):
-      raise ValueError(f"the checkpoint's sums {sorted(start)} are not the task's {sorted(keys)}")
-    return {k: jax.device_put(np.float32(start.get(k, 0.0)), self.replicated) for k in sorted(keys)}
+    if start and set(start) != set(names):
+      raise ValueError(f"the checkpoint's sums {sorted(start)} are not the task's {names}")
+    return {k: jax.device_put(np.float32(start.get(k, 0.0)), self.replicated) for k in names}
 
   def compile(self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array) -> None:
     """Compiles the train step for these shapes, once per run."""
     if self._compiled is None:
-      self._compiled = self._train.lower(state, carry, sums, batch, key, np.int32(0)).compile()
+      self._compiled = self.lower(state, carry, sums, key, batch=batch).compile()
 
   def train(
     self, state: Any, carry: Carry, sums: Sums, batch: Batch, key: jax.Array, index: int

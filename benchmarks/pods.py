@@ -1,0 +1,212 @@
+"""The committed pod plans: the trainers' steps compiled for TPU slices (``benchmarks.pod_plan``),
+one plan per configuration, and their table ``benchmarks/results/pods.md``.
+
+    python -m benchmarks.pods                 # the plans not made yet, then the table
+    python -m benchmarks.pods --report-only   # the table from the plans made
+
+Each plan runs as its own ``python -m benchmarks.pod_plan ... --json`` process (a compile that runs
+out of host memory or time loses only itself) and is kept as ``benchmarks/results/pods/NAME.json``
+and ``NAME.txt`` (what the command printed) as soon as it ends; a plan already kept is not made
+again, so an interrupted run resumes where it stopped. Needs ``libtpu``
+(``pip install -e ".[tpu-plan]"``).
+
+The configurations: ResNet-18 on CIFAR-10 at the paper's batch of 128 on one v5e and one v5p host
+(4 chips, the batch split over them) with Padam's state in float32, bfloat16 and 8 bits; decoder
+transformers of 93M to 1.23B parameters (``examples.ptb.transformer``) at a global batch of 256
+sequences of 1,024 tokens on a v5e pod (16x16, 256 chips) and a v5p slice (4x4x4, 64 chips), fully
+sharded over all chips (``--mesh fsdp=N``), with PadamW's state in float32, bfloat16 and 8 bits and
+with optax's AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+RESULTS = pathlib.Path("benchmarks/results")
+PLANS_DIR = RESULTS / "pods"
+TABLE = RESULTS / "pods.md"
+TIMEOUT = 3600  # seconds per plan
+
+RESNET = {"topologies": ("v5e:2x2", "v5p:2x2x1"), "state_bits": (32, 16, 8)}
+DECODERS = (
+  "transformer-12x768",
+  "transformer-24x1024",
+  "transformer-24x1536",
+  "transformer-24x2048",
+)
+POD_SLICES = {"v5e:16x16": 256, "v5p:4x4x4": 64}
+# (optimizer, state bits) of the decoder rows.
+DECODER_OPTIMIZERS = (("padamw", 32), ("padamw", 16), ("padamw", 8), ("adamw", 32))
+
+
+def plans() -> dict[str, tuple[str, str, list[str]]]:
+  """Every configuration: name -> (topology, trainer, the trainer's flags)."""
+  made: dict[str, tuple[str, str, list[str]]] = {}
+  for topology in RESNET["topologies"]:
+    for bits in RESNET["state_bits"]:
+      flags = ["--model", "resnet18", "--batch-size", "128", "--state-bits", str(bits)]
+      made[f"resnet18-{topology.replace(':', '-')}-padam-{bits}"] = (topology, "cifar10", flags)
+  for topology, chips in POD_SLICES.items():
+    for model in DECODERS:
+      for optimizer, bits in DECODER_OPTIMIZERS:
+        flags = ["--model", model, "--batch-size", "256", "--mesh", f"fsdp={chips}"]
+        flags += ["--optimizer", optimizer, "--state-bits", str(bits)]
+        name = f"{model.removeprefix('transformer-')}-{topology.replace(':', '-')}"
+        made[f"{name}-{optimizer}-{bits}"] = (topology, "ptb", flags)
+  return made
+
+
+def command(topology: str, trainer: str, flags: Sequence[str]) -> list[str]:
+  """The planner's command line of one configuration (as the table shows it)."""
+  return ["python -m benchmarks.pod_plan", "--topology", topology, trainer, *flags]
+
+
+def make(name: str, topology: str, trainer: str, flags: list[str]) -> None:
+  """Runs one plan and keeps its JSON and its printed text (written only when it ends)."""
+  PLANS_DIR.mkdir(parents=True, exist_ok=True)
+  partial = PLANS_DIR / f"{name}.json.partial"
+  args = [sys.executable, "-m", "benchmarks.pod_plan", "--topology", topology]
+  args += ["--json", str(partial), trainer, *flags]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  start = time.perf_counter()
+  try:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+  except subprocess.TimeoutExpired:
+    print(f"{name}: no plan within {TIMEOUT} s", file=sys.stderr)
+    partial.unlink(missing_ok=True)
+    return
+  seconds = time.perf_counter() - start
+  if done.returncode not in (0, 3) or not partial.exists():
+    tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+    print(f"{name}: the planner failed (status {done.returncode}): {tail}", file=sys.stderr)
+    partial.unlink(missing_ok=True)
+    return
+  record = json.loads(partial.read_text())
+  record |= {"name": name, "command": command(topology, trainer, flags), "seconds": seconds}
+  (PLANS_DIR / f"{name}.txt").write_text(done.stdout or done.stderr)
+  (PLANS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+  partial.unlink()
+  fits = "fits" if record["fits"] else "does not fit"
+  print(f"{name}: {fits} ({seconds:.0f} s)", flush=True)
+
+
+def load() -> dict[str, dict[str, Any]]:
+  """The plans kept so far, by name."""
+  return {p.stem: json.loads(p.read_text()) for p in sorted(PLANS_DIR.glob("*.json"))}
+
+
+def _mb(n: float) -> str:
+  return f"{n / 1e6:,.1f}"
+
+
+def _roof(record: dict[str, Any]) -> str:
+  estimate = record["roofline"]["estimate"]
+  return "-" if estimate is None else f"{estimate * 1e3:,.1f}"
+
+
+def _collective_mb(record: dict[str, Any]) -> str:
+  moved = sum(c["bytes"] for c in record["collectives"].values())
+  return _mb(moved)
+
+
+def _row(record: dict[str, Any], first: list[str]) -> str:
+  if "peak" not in record:  # XLA refused to compile it
+    return "| " + " | ".join(first) + f" | does not fit: {record['reason']} |" + " |" * 8
+  cells = [
+    _mb(record["params"]),
+    _mb(record["optimizer_state"]),
+    _mb(record["temporaries"]),
+    f"{_mb(record['peak'])} ({record['peak'] / record['memory']:.0%}"
+    + ("" if record["fits"] else ": does not fit")
+    + ")",
+    f"{record['flops'] / 1e12:,.2f}",
+    f"{record['bytes_accessed'] / 1e9:,.1f}",
+    _collective_mb(record),
+    "yes" if record["collectives"]["reduce-scatter"]["count"] else "no",
+    _roof(record),
+  ]
+  return "| " + " | ".join(first + cells) + " |"
+
+
+COLUMNS = (
+  "parameters MB | state MB | temporaries MB | peak MB (of the chip) | TFLOP | GB accessed | "
+  "collectives MB | reduce-scatter | roofline ms |"
+)
+
+
+def _state_form(bits: int) -> str:
+  return {32: "float32", 16: "bfloat16", 8: "8-bit"}[bits]
+
+
+def report(records: dict[str, dict[str, Any]]) -> str:
+  """The table of the plans kept (a configuration without a plan is left out and counted)."""
+  configured = plans()
+  lines = ["# TPU pod plans: the trainers' steps compiled for TPU slices, per chip", ""]
+  any_record = next(iter(records.values()), {})
+  lines += [
+    f"Made by `python -m benchmarks.pods` ({len(records)} of {len(configured)} configurations): "
+    "each is one `python -m benchmarks.pod_plan` command (below), compiled here for chips that "
+    "are not attached, on "
+    f"{any_record.get('machine', '?')}, JAX {any_record.get('jax', '?')}, libtpu "
+    f"{any_record.get('libtpu', '?')}. Nothing ran on a TPU: memory and collectives are XLA's "
+    "analyses of the compiled program, flops and bytes its cost model, and the roofline the "
+    "larger of flops / peak flop/s and bytes / HBM bandwidth of the chip's published figures: a "
+    "lower bound on the step's time. MB = 10^6 bytes; per chip and step.",
+    "",
+  ]
+  lines += ["## ResNet-18, CIFAR-10, batch 128 (the paper's), Padam p = 1/8", ""]
+  lines += ["| slice | state | " + COLUMNS, "|---|---|" + "---:|" * 9]
+  for name, (topology, trainer, flags) in configured.items():
+    if trainer == "cifar10" and name in records:
+      bits = int(flags[flags.index("--state-bits") + 1])
+      lines.append(_row(records[name], [topology, _state_form(bits)]))
+  lines += [
+    "",
+    "## Decoder transformers, global batch 256 x 1,024 tokens, fully sharded (fsdp = all chips)",
+    "",
+  ]
+  lines += ["| slice | model | optimizer, state | " + COLUMNS, "|---|---|---|" + "---:|" * 9]
+  for name, (topology, trainer, flags) in configured.items():
+    if trainer == "ptb" and name in records:
+      model = flags[flags.index("--model") + 1].removeprefix("transformer-")
+      optimizer = flags[flags.index("--optimizer") + 1]
+      bits = int(flags[flags.index("--state-bits") + 1])
+      params = records[name].get("num_params")
+      label = f"{model} ({params / 1e6:,.0f}M)" if params else model
+      row = [topology, label, f"{optimizer}, {_state_form(bits)}"]
+      lines.append(_row(records[name], row))
+  lines += ["", "## Commands", ""]
+  lines += [f"- `{name}`: `{' '.join(records[name]['command'])}`" for name in records]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--report-only", action="store_true", help="only write the table")
+  parser.add_argument("--only", nargs="+", metavar="NAME", help="make only these plans")
+  args = parser.parse_args(argv)
+  configured = plans()
+  unknown = sorted(set(args.only or ()) - set(configured))
+  if unknown:
+    parser.error(f"unknown plan(s) {', '.join(unknown)}; known: {', '.join(configured)}")
+  if not args.report_only:
+    kept = load()
+    for name, (topology, trainer, flags) in configured.items():
+      if name not in kept and (not args.only or name in args.only):
+        make(name, topology, trainer, flags)
+        TABLE.write_text(report(load()))
+  TABLE.write_text(report(load()))
+  print(f"wrote {TABLE}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
