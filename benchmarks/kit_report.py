@@ -19,6 +19,17 @@ def _ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}x"
 
 
+def _memory_cells(row: dict[str, Any]) -> str:
+  """State, temporaries, their sum (MB) and bytes accessed (GB) of an update-step row; a record
+  from before these were measured, or a PyTorch row, has dashes."""
+  state, temps, accessed = row["state_bytes"], row.get("temp_bytes"), row.get("bytes_accessed")
+  if temps is None:
+    return f"{state / 1e6:.1f} | - | - | -"
+  return (
+    f"{state / 1e6:.1f} | {temps / 1e6:.1f} | {(state + temps) / 1e6:.1f} | {accessed / 1e9:.2f}"
+  )
+
+
 def update_markdown(kit: Kit, parts: Sequence[dict[str, Any]]) -> str:
   """The update-step tables, one per tree."""
   settings = kit.settings
@@ -33,7 +44,9 @@ def update_markdown(kit: Kit, parts: Sequence[dict[str, Any]]) -> str:
     "least (gradient, parameters and state read; parameters and state written); GB/s is that "
     "over the median time, against a peak of "
     + ("unknown (device kind not in the table)" if peak is None else f"{peak / 1e9:,.0f} GB/s")
-    + ".",
+    + ". State: the optimizer state's bytes; temporaries: the compiled call's scratch buffers "
+    "(XLA's memory analysis), so state + temporaries is what the state costs at the update's "
+    "peak; GB accessed: XLA's cost model for one compiled call (PyTorch rows: -).",
   ]
   for part in parts:
     if part["status"] != "done":
@@ -45,15 +58,15 @@ def update_markdown(kit: Kit, parts: Sequence[dict[str, Any]]) -> str:
       f"({part['param_bytes'] / 1e6:.1f} MB float32)",
       "",
       "| optimizer | median ms | IQR ms | moved MB | GB/s | of peak | vs floor "
-      "| vs optax amsgrad |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      "| vs optax amsgrad | state MB | temporaries MB | state + temporaries MB | GB accessed |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in part["rows"]:
       of_peak = "unknown" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}%"
       lines.append(
         f"| {r['optimizer']} | {r['median_ms']:.3f} | {r['iqr_ms'][0]:.3f}-{r['iqr_ms'][1]:.3f} "
         f"| {r['moved_bytes'] / 1e6:.1f} | {r['gb_per_s']:.1f} | {of_peak} "
-        f"| {_ratio(r['vs_floor'])} | {_ratio(r['vs_amsgrad'])} |"
+        f"| {_ratio(r['vs_floor'])} | {_ratio(r['vs_amsgrad'])} | {_memory_cells(r)} |"
       )
   return "\n".join(lines) + "\n"
 

@@ -44,7 +44,7 @@ def time_tree(kit: Kit, key: str, name: str, shapes: param_trees.Shapes) -> dict
   settings = kit.settings
   bench = step_timing.Bench.build(name, shapes, False, settings.steps_per_call)
   rows = step_timing.choose_rows(step_timing.make_rows(False, ()), list(settings.rows))
-  step_timing.measure(bench, rows, settings.rounds, settings.calls, kit.log, analyse=False)
+  step_timing.measure(bench, rows, settings.rounds, settings.calls, kit.log, analyse=True)
   param_bytes = param_trees.tree_bytes(bench.params)
   median = {r.name: float(np.median(r.times)) for r in rows}
   peak = kit.device["peak_bandwidth"]
@@ -66,6 +66,9 @@ def time_tree(kit: Kit, key: str, name: str, shapes: param_trees.Shapes) -> dict
           median[r.name] / median["optax amsgrad"] if "optax amsgrad" in median else None
         ),
         "state_bytes": r.state_bytes,
+        # XLA's analyses of the compiled call (steps_per_call steps in one loop).
+        "temp_bytes": None if r.kind == "torch" else r.temp_bytes,
+        "bytes_accessed": None if r.kind == "torch" else r.bytes_accessed,
       }
     )
   return {

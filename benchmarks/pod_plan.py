@@ -73,7 +73,13 @@ class PlanError(ValueError):
 
 
 def topology_devices(topology: str) -> list[Any]:
-  """The devices of a TPU topology such as ``v5e:2x2`` or ``v5p:4x4x4``, without a TPU."""
+  """The devices of a TPU topology such as ``v5e:2x2`` or ``v5p:4x4x4``, without a TPU; ``cpu``:
+  this machine's CPU devices (XLA:CPU's program, for comparison)."""
+  if topology == "cpu":
+    return jax.devices("cpu")
+  # libtpu takes a lock that keeps a second process from loading it, for the TPUs it would open;
+  # a plan opens none, so plans (and a training run's libtpu) may run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
 
@@ -422,8 +428,12 @@ def report(plan: Plan) -> str:
     f"  optimizer state     {_mb(plan.optimizer_state)}",
     f"  arguments           {_mb(plan.arguments)} (state, data, carry; {_mb(plan.aliased)} donated)",
     f"  temporaries         {_mb(plan.temporaries)}",
-    f"  peak                {_mb(plan.peak)} of {_mb(plan.memory)} on a {chip} chip "
-    f"({plan.peak / plan.memory:.1%})",
+    f"  peak                {_mb(plan.peak)}"
+    + (
+      f" of {_mb(plan.memory)} on a {chip} chip ({plan.peak / plan.memory:.1%})"
+      if plan.memory == plan.memory  # not NaN: a TPU chip's memory is known
+      else ""
+    ),
     "",
     "per device and step (XLA's cost model):",
     f"  flops               {plan.flops:.3e}",
@@ -480,7 +490,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     description=__doc__.splitlines()[0],
     usage="python -m benchmarks.pod_plan --topology TOPOLOGY {cifar10,ptb} [the trainer's flags]",
   )
-  parser.add_argument("--topology", required=True, help="a TPU topology, e.g. v5e:2x2, v5p:4x4x4")
+  parser.add_argument(
+    "--topology",
+    required=True,
+    help="a TPU topology, e.g. v5e:2x2, v5p:4x4x4; cpu: this machine's CPU devices",
+  )
   parser.add_argument(
     "--traced-p", action="store_true", help="give Padam's p as a schedule (traced in the step)"
   )

@@ -3,6 +3,7 @@ one plan per configuration, and their table ``benchmarks/results/pods.md``.
 
     python -m benchmarks.pods                 # the plans not made yet, then the table
     python -m benchmarks.pods --report-only   # the table from the plans made
+    python -m benchmarks.pods --set step-memory   # the whole step on one device (see below)
 
 Each plan runs as its own ``python -m benchmarks.pod_plan ... --json`` process (a compile that runs
 out of host memory or time loses only itself) and is kept as ``benchmarks/results/pods/NAME.json``
@@ -16,6 +17,11 @@ transformers of 93M to 1.23B parameters (``examples.ptb.transformer``) at a glob
 sequences of 1,024 tokens on a v5e pod (16x16, 256 chips) and a v5p slice (4x4x4, 64 chips), fully
 sharded over all chips (``--mesh fsdp=N``), with PadamW's state in float32, bfloat16 and 8 bits and
 with optax's AdamW.
+
+``--set step-memory``: the whole train step of ResNet-18 (batch 128) and of the PTB trainer's
+largest LSTM (``lstm3``, its default batch) on one v5e chip and on this machine's CPU, with the
+optimizer state in float32, bfloat16 and 8 bits (``benchmarks/results/step_memory.md``): what the
+compact states save at the step's peak.
 """
 
 from __future__ import annotations
@@ -47,6 +53,20 @@ POD_SLICES = {"v5e:16x16": 256, "v5p:4x4x4": 64}
 DECODER_OPTIMIZERS = (("padamw", 32), ("padamw", 16), ("padamw", 8), ("adamw", 32))
 
 
+def step_memory_plans() -> dict[str, tuple[str, str, list[str]]]:
+  """The whole train step on one device, its optimizer state in float32, bfloat16 and 8 bits:
+  ResNet-18 at batch 128 and the PTB trainer's largest LSTM (``lstm3``) at its default batch, on
+  one v5e chip and on this machine's CPU (``benchmarks/results/step_memory.md``)."""
+  made: dict[str, tuple[str, str, list[str]]] = {}
+  for topology in ("v5e:2x2", "cpu"):
+    where = "v5e-1" if topology != "cpu" else "cpu-1"
+    for trainer, model in (("cifar10", "resnet18"), ("ptb", "lstm3")):
+      for bits in RESNET["state_bits"]:
+        flags = ["--model", model, "--devices", "1", "--state-bits", str(bits)]
+        made[f"step-{model}-{where}-{bits}"] = (topology, trainer, flags)
+  return made
+
+
 def plans() -> dict[str, tuple[str, str, list[str]]]:
   """Every configuration: name -> (topology, trainer, the trainer's flags)."""
   made: dict[str, tuple[str, str, list[str]]] = {}
@@ -69,10 +89,10 @@ def command(topology: str, trainer: str, flags: Sequence[str]) -> list[str]:
   return ["python -m benchmarks.pod_plan", "--topology", topology, trainer, *flags]
 
 
-def make(name: str, topology: str, trainer: str, flags: list[str]) -> None:
-  """Runs one plan and keeps its JSON and its printed text (written only when it ends)."""
-  PLANS_DIR.mkdir(parents=True, exist_ok=True)
-  partial = PLANS_DIR / f"{name}.json.partial"
+def make(folder: pathlib.Path, name: str, topology: str, trainer: str, flags: list[str]) -> None:
+  """Runs one plan and keeps its JSON and its printed text in ``folder`` (when it ends)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  partial = folder / f"{name}.json.partial"
   args = [sys.executable, "-m", "benchmarks.pod_plan", "--topology", topology]
   args += ["--json", str(partial), trainer, *flags]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -91,16 +111,16 @@ def make(name: str, topology: str, trainer: str, flags: list[str]) -> None:
     return
   record = json.loads(partial.read_text())
   record |= {"name": name, "command": command(topology, trainer, flags), "seconds": seconds}
-  (PLANS_DIR / f"{name}.txt").write_text(done.stdout or done.stderr)
-  (PLANS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+  (folder / f"{name}.txt").write_text(done.stdout or done.stderr)
+  (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
   partial.unlink()
   fits = "fits" if record["fits"] else "does not fit"
   print(f"{name}: {fits} ({seconds:.0f} s)", flush=True)
 
 
-def load() -> dict[str, dict[str, Any]]:
-  """The plans kept so far, by name."""
-  return {p.stem: json.loads(p.read_text()) for p in sorted(PLANS_DIR.glob("*.json"))}
+def load(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """The plans kept in ``folder`` so far, by name."""
+  return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
 def _mb(n: float) -> str:
@@ -117,6 +137,13 @@ def _collective_mb(record: dict[str, Any]) -> str:
   return _mb(moved)
 
 
+def _scatters(record: dict[str, Any]) -> str:
+  """How many reduce-scatters the step has, where its state is split (``-``: not split)."""
+  if record["mesh"].get("fsdp", 1) == 1:
+    return "-"
+  return str(record["collectives"]["reduce-scatter"]["count"])
+
+
 def _row(record: dict[str, Any], first: list[str]) -> str:
   if "peak" not in record:  # XLA refused to compile it
     return "| " + " | ".join(first) + f" | does not fit: {record['reason']} |" + " |" * 8
@@ -130,7 +157,7 @@ def _row(record: dict[str, Any], first: list[str]) -> str:
     f"{record['flops'] / 1e12:,.2f}",
     f"{record['bytes_accessed'] / 1e9:,.1f}",
     _collective_mb(record),
-    "yes" if record["collectives"]["reduce-scatter"]["count"] else "no",
+    _scatters(record),
     _roof(record),
   ]
   return "| " + " | ".join(first + cells) + " |"
@@ -138,7 +165,7 @@ def _row(record: dict[str, Any], first: list[str]) -> str:
 
 COLUMNS = (
   "parameters MB | state MB | temporaries MB | peak MB (of the chip) | TFLOP | GB accessed | "
-  "collectives MB | reduce-scatter | roofline ms |"
+  "collectives MB | reduce-scatters | roofline ms |"
 )
 
 
@@ -188,23 +215,91 @@ def report(records: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def step_memory_report(records: dict[str, dict[str, Any]]) -> str:
+  """The whole-step table: per device, and what the compact states save at rest and at the peak."""
+  configured = step_memory_plans()
+  any_record = next(iter(records.values()), {})
+  lines = [
+    "# The whole train step's memory on one device, by the optimizer state's form",
+    "",
+    f"Made by `python -m benchmarks.pods --set step-memory` ({len(records)} of "
+    f"{len(configured)} configurations) on {any_record.get('machine', '?')}, JAX "
+    f"{any_record.get('jax', '?')}, libtpu {any_record.get('libtpu', '?')}: each row is one "
+    "`python -m benchmarks.pod_plan` command (below), the trainer's own jitted step (gradient "
+    "and update, state donated) compiled for one v5e chip (deviceless) or for this machine's CPU. "
+    "Padam p = 1/8; MB = 10^6 bytes. Saved: against the float32 state's row, the state's bytes "
+    "at rest and the step's peak.",
+    "",
+    "| model | compiled for | state | parameters MB | state MB | temporaries MB | peak MB | "
+    "GB accessed | saved at rest MB | saved at the peak MB |",
+    "|---|---|---|" + "---:|" * 7,
+  ]
+  for name, (topology, _, flags) in configured.items():
+    record = records.get(name)
+    if record is None or "peak" not in record:
+      continue
+    bits = int(flags[flags.index("--state-bits") + 1])
+    base = records.get(name.rsplit("-", 1)[0] + "-32")
+    saved = ["", ""]
+    if base and bits != 32:
+      saved = [
+        _mb(base["optimizer_state"] - record["optimizer_state"]),
+        _mb(base["peak"] - record["peak"]),
+      ]
+    where = "XLA:CPU" if topology == "cpu" else "XLA:TPU, one v5e chip"
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          flags[flags.index("--model") + 1],
+          where,
+          _state_form(bits),
+          _mb(record["params"]),
+          _mb(record["optimizer_state"]),
+          _mb(record["temporaries"]),
+          _mb(record["peak"]),
+          f"{record['bytes_accessed'] / 1e9:,.2f}",
+          *saved,
+        ]
+      )
+      + " |"
+    )
+  lines += ["", "## Commands", ""]
+  lines += [f"- `{name}`: `{' '.join(records[name]['command'])}`" for name in records]
+  return "\n".join(lines) + "\n"
+
+
+# A set of plans: its configurations, its folder, its table and the table's writer.
+SETS = {
+  "pods": (plans, PLANS_DIR, TABLE, report),
+  "step-memory": (
+    step_memory_plans,
+    RESULTS / "step_memory",
+    RESULTS / "step_memory.md",
+    step_memory_report,
+  ),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--set", choices=sorted(SETS), default="pods", help="which plans")
   parser.add_argument("--report-only", action="store_true", help="only write the table")
   parser.add_argument("--only", nargs="+", metavar="NAME", help="make only these plans")
   args = parser.parse_args(argv)
-  configured = plans()
+  configurations, folder, table, write = SETS[args.set]
+  configured = configurations()
   unknown = sorted(set(args.only or ()) - set(configured))
   if unknown:
     parser.error(f"unknown plan(s) {', '.join(unknown)}; known: {', '.join(configured)}")
   if not args.report_only:
-    kept = load()
+    kept = load(folder)
     for name, (topology, trainer, flags) in configured.items():
       if name not in kept and (not args.only or name in args.only):
-        make(name, topology, trainer, flags)
-        TABLE.write_text(report(load()))
-  TABLE.write_text(report(load()))
-  print(f"wrote {TABLE}")
+        make(folder, name, topology, trainer, flags)
+        table.write_text(write(load(folder)))
+  table.write_text(write(load(folder)))
+  print(f"wrote {table}")
   return 0
 
 

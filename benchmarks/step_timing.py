@@ -212,6 +212,7 @@ class Row:
   state_array_bytes: int = 0  # the bytes of those arrays (narrower than the parameters' or not)
   hlo: str = ""
   temp_bytes: int = 0  # the step's scratch memory, allocated at every call
+  bytes_accessed: float = 0.0  # the cost model's bytes read and written by one compiled call
   extra: bool = False  # timed only when named by --rows
 
 
@@ -308,8 +309,8 @@ def measure(
   """Times ``rows`` on ``bench``: ``rounds`` interleaved rounds of ``steps`` timed calls per row.
 
   Fills in each row's ``times`` (seconds per optimizer step), ``state_bytes`` and
-  ``state_arrays``; with ``analyse``, also the compiled step's HLO text and scratch memory (one more
-  compilation per JAX row).
+  ``state_arrays``; with ``analyse``, also the compiled step's HLO text, scratch memory and the
+  cost model's bytes accessed (one more compilation per JAX row).
   """
   runners = [row.make(bench) for row in rows]
   for r in range(rounds + 1):  # round 0 compiles and warms up, untimed
@@ -329,6 +330,9 @@ def measure(
           row.hlo = compiled.as_text()
           memory = compiled.memory_analysis()
           row.temp_bytes = memory.temp_size_in_bytes if memory is not None else 0
+          cost = compiled.cost_analysis()
+          cost = (cost[0] if isinstance(cost, list) else cost) or {}
+          row.bytes_accessed = float(cost.get("bytes accessed", 0.0))
       else:
         per_call = getattr(runner, "steps_per_call", 1)
         for _ in range(steps):

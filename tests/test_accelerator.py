@@ -121,9 +121,13 @@ def test_kit_writes_each_step_stops_at_its_budget_and_resumes(tmp_path, data, tr
   assert [r["optimizer"] for r in tree["rows"]] == list(UPDATE_ROWS)
   for row in tree["rows"]:
     assert row["median_ms"] > 0 and row["gb_per_s"] > 0 and row["of_peak"] is None  # a CPU
+    # XLA's analyses of the compiled call: scratch memory and bytes accessed.
+    assert row["temp_bytes"] >= 0 and row["bytes_accessed"] > 0
   floor = tree["rows"][-1]
   assert floor["moved_bytes"] == 9 * tree["param_bytes"] and floor["vs_floor"] == 1.0
-  assert "| padam p traced |" in (out / "update-step.md").read_text()
+  update_table = (out / "update-step.md").read_text()
+  assert "| padam p traced |" in update_table
+  assert "| state MB | temporaries MB | state + temporaries MB | GB accessed |" in update_table
 
   rows = {p["key"]: p for p in read(out, "throughput")["parts"]}
   assert rows["cifar10-float32"]["rate"] == rows["ptb-float32"]["rate"] == 640.0

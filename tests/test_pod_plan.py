@@ -119,3 +119,43 @@ def test_the_command_line_prints_a_plan_and_refuses_bad_flags_in_one_line(capsys
     == 2
   )
   assert "multiple of the 4 devices" in capsys.readouterr().err
+
+
+def _record(name, **fields):
+  record = {
+    "fits": True,
+    "params": 2e6,
+    "optimizer_state": 6e6,
+    "temporaries": 1e6,
+    "peak": 1e7,
+    "memory": 16 * 2**30,
+    "flops": 1e12,
+    "bytes_accessed": 2e9,
+    "collectives": {
+      "reduce-scatter": {"count": 3, "bytes": 6e6},
+      "all-gather": {"count": 2, "bytes": 4e6},
+    },
+    "mesh": {"data": 1, "fsdp": 4},
+    "roofline": {"estimate": 2.5e-3},
+    "num_params": 5e8,
+    "command": ["python -m benchmarks.pod_plan", name],
+  }
+  return {**record, **fields}
+
+
+def test_the_pods_table_shows_each_plan_and_what_did_not_fit():
+  from benchmarks import pods
+
+  names = [n for n, (_, trainer, _) in pods.plans().items() if trainer == "ptb"][:3]
+  records = {
+    names[0]: _record(names[0]),
+    names[1]: _record(names[1], fits=False, peak=2e10),
+    names[2]: {"fits": False, "reason": "RESOURCE_EXHAUSTED: 47.81G", "command": ["x"]},
+  }
+  table = pods.report(records)
+  assert "(3 of 38 configurations)" in table
+  rows = [line for line in table.splitlines() if line.startswith("| v5")]
+  assert len(rows) == 3
+  # Per chip: MB, TFLOP, GB, collective MB (all kinds), reduce-scatters, roofline ms.
+  assert "| 2.0 | 6.0 | 1.0 | 10.0 (0%) | 1.00 | 2.0 | 10.0 | 3 | 2.5 |" in rows[0]
+  assert "does not fit" in rows[1] and "does not fit: RESOURCE_EXHAUSTED: 47.81G" in rows[2]
