@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -501,6 +502,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
   parser.add_argument("--json", metavar="FILE", help="also write the plan to FILE as JSON")
   parser.add_argument("trainer", choices=("cifar10", "ptb"))
   args, rest = parser.parse_known_args(argv)
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    parser.error(f"--json {args.json}: its folder does not exist")
   config_type, _ = _trainer(args.trainer)
   flags = argparse.ArgumentParser(prog=f"python -m benchmarks.pod_plan ... {args.trainer}")
   cli.add_config_flags(flags, config_type, omit=PLAN_OMITS, launch_flags=False)
@@ -509,6 +512,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
 
 
 EXIT_DOES_NOT_FIT = 3
+EXIT_INTERRUPTED = 130
 
 
 def _versions() -> dict[str, str]:
@@ -533,12 +537,20 @@ def _write_json(path: str | None, record: dict[str, Any]) -> None:
       f.write("\n")
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+  del signum, frame
+  print("interrupted; no plan was written", file=sys.stderr, flush=True)
+  os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Exit status: 0 with a plan, 2 for bad flags or no libtpu, 3 when the step does not fit (XLA
   refuses it, or its peak is above a chip's memory)."""
   # The plan compiles for a TPU that is not here: the CPU is the only backend to start (with
   # libtpu installed, JAX would otherwise try to open a TPU, and take libtpu's lock).
   jax.config.update("jax_platforms", "cpu")
+  # Ctrl-C during a compile: one line and status 130 (nothing is written before the plan is made).
+  signal.signal(signal.SIGINT, _interrupted)
   try:
     args, trainer, config = parse_args(argv)
     plan = make_plan(trainer, config, args.topology, traced_p=args.traced_p)

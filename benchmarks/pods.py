@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,9 @@ def make(folder: pathlib.Path, name: str, topology: str, trainer: str, flags: li
     partial.unlink(missing_ok=True)
     return
   seconds = time.perf_counter() - start
+  if done.returncode in (130, -signal.SIGINT):  # Ctrl-C reached the plan too
+    partial.unlink(missing_ok=True)
+    raise KeyboardInterrupt
   if done.returncode not in (0, 3) or not partial.exists():
     tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
     print(f"{name}: the planner failed (status {done.returncode}): {tail}", file=sys.stderr)
@@ -210,9 +214,52 @@ def report(records: dict[str, dict[str, Any]]) -> str:
       label = f"{model} ({params / 1e6:,.0f}M)" if params else model
       row = [topology, label, f"{optimizer}, {_state_form(bits)}"]
       lines.append(_row(records[name], row))
-  lines += ["", "## Commands", ""]
+  lines += ["", *largest_fitting(records), "", "## Commands", ""]
   lines += [f"- `{name}`: `{' '.join(records[name]['command'])}`" for name in records]
   return "\n".join(lines) + "\n"
+
+
+def largest_fitting(records: dict[str, dict[str, Any]]) -> list[str]:
+  """Per slice and optimizer: the largest decoder whose step fits a chip, and the next one's peak."""
+  lines = [
+    "### The largest decoder that fits",
+    "",
+    "| slice | optimizer, state | largest that fits | its peak per chip | next size |",
+    "|---|---|---|---:|---|",
+  ]
+  for topology, chips in POD_SLICES.items():
+    for optimizer, bits in DECODER_OPTIMIZERS:
+      fitting, beyond = None, "none larger planned"
+      for model in DECODERS:
+        name = f"{model.removeprefix('transformer-')}-{topology.replace(':', '-')}"
+        record = records.get(f"{name}-{optimizer}-{bits}")
+        if record is None:
+          beyond = "not planned yet"
+          break
+        if not record["fits"]:
+          peak = record.get("peak")
+          beyond = f"{model.removeprefix('transformer-')}: " + (
+            f"peak {peak / 1e6:,.0f} MB ({peak / record['memory']:.0%})"
+            if peak
+            else "refused by XLA"
+          )
+          break
+        fitting = (model.removeprefix("transformer-"), record)
+      if fitting is None:
+        cells = ["none", "-"]
+      else:
+        label, record = fitting
+        params = record["num_params"] / 1e6
+        cells = [
+          f"{label} ({params:,.0f}M)",
+          f"{record['peak'] / 1e6:,.0f} MB ({record['peak'] / record['memory']:.0%})",
+        ]
+      lines.append(
+        f"| {topology} ({chips} chips) | {optimizer}, {_state_form(bits)} | "
+        + " | ".join(cells)
+        + f" | {beyond} |"
+      )
+  return lines
 
 
 def step_memory_report(records: dict[str, dict[str, Any]]) -> str:
@@ -293,11 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   if unknown:
     parser.error(f"unknown plan(s) {', '.join(unknown)}; known: {', '.join(configured)}")
   if not args.report_only:
-    kept = load(folder)
-    for name, (topology, trainer, flags) in configured.items():
-      if name not in kept and (not args.only or name in args.only):
-        make(folder, name, topology, trainer, flags)
-        table.write_text(write(load(folder)))
+    try:
+      for name, (topology, trainer, flags) in configured.items():
+        kept = (folder / f"{name}.json").exists()  # by this run, an earlier one or another
+        if not kept and (not args.only or name in args.only):
+          make(folder, name, topology, trainer, flags)
+          table.write_text(write(load(folder)))
+    except KeyboardInterrupt:
+      table.write_text(write(load(folder)))
+      print(
+        f"interrupted; the plans made are kept in {folder} (run again to go on)", file=sys.stderr
+      )
+      return 130
   table.write_text(write(load(folder)))
   print(f"wrote {table}")
   return 0
