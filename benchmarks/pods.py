@@ -90,8 +90,16 @@ def command(topology: str, trainer: str, flags: Sequence[str]) -> list[str]:
   return ["python -m benchmarks.pod_plan", "--topology", topology, trainer, *flags]
 
 
-def make(folder: pathlib.Path, name: str, topology: str, trainer: str, flags: list[str]) -> None:
-  """Runs one plan and keeps its JSON and its printed text in ``folder`` (when it ends)."""
+def make(
+  folder: pathlib.Path,
+  name: str,
+  topology: str,
+  trainer: str,
+  flags: list[str],
+  timeout: float = TIMEOUT,
+) -> None:
+  """Runs one plan and keeps its JSON and its printed text in ``folder`` (when it ends); a plan
+  not made within ``timeout`` seconds is kept as such."""
   folder.mkdir(parents=True, exist_ok=True)
   partial = folder / f"{name}.json.partial"
   args = [sys.executable, "-m", "benchmarks.pod_plan", "--topology", topology]
@@ -99,10 +107,14 @@ def make(folder: pathlib.Path, name: str, topology: str, trainer: str, flags: li
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   start = time.perf_counter()
   try:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
-    print(f"{name}: no plan within {TIMEOUT} s", file=sys.stderr)
+    # Kept, so that a run goes on with the others: the table says so (delete the file to retry).
+    print(f"{name}: no plan within {timeout:.0f} s", file=sys.stderr)
     partial.unlink(missing_ok=True)
+    record = {"fits": None, "reason": f"not compiled within {timeout:.0f} s here"}
+    record |= {"name": name, "command": command(topology, trainer, flags), "seconds": timeout}
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return
   seconds = time.perf_counter() - start
   if done.returncode in (130, -signal.SIGINT):  # Ctrl-C reached the plan too
@@ -149,8 +161,9 @@ def _scatters(record: dict[str, Any]) -> str:
 
 
 def _row(record: dict[str, Any], first: list[str]) -> str:
-  if "peak" not in record:  # XLA refused to compile it
-    return "| " + " | ".join(first) + f" | does not fit: {record['reason']} |" + " |" * 8
+  if "peak" not in record:  # XLA refused to compile it, or the compile took too long here
+    verdict = "no plan" if record["fits"] is None else "does not fit"
+    return "| " + " | ".join(first) + f" | {verdict}: {record['reason']} |" + " |" * 8
   cells = [
     _mb(record["params"]),
     _mb(record["optimizer_state"]),
@@ -235,6 +248,9 @@ def largest_fitting(records: dict[str, dict[str, Any]]) -> list[str]:
         record = records.get(f"{name}-{optimizer}-{bits}")
         if record is None:
           beyond = "not planned yet"
+          break
+        if record["fits"] is None:
+          beyond = f"{model.removeprefix('transformer-')}: no plan ({record['reason']})"
           break
         if not record["fits"]:
           peak = record.get("peak")
@@ -333,6 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--set", choices=sorted(SETS), default="pods", help="which plans")
   parser.add_argument("--report-only", action="store_true", help="only write the table")
   parser.add_argument("--only", nargs="+", metavar="NAME", help="make only these plans")
+  parser.add_argument(
+    "--timeout",
+    type=float,
+    default=TIMEOUT,
+    metavar="S",
+    help=f"seconds a plan may take; one that takes longer is kept as not made (default {TIMEOUT})",
+  )
   args = parser.parse_args(argv)
   configurations, folder, table, write = SETS[args.set]
   configured = configurations()
@@ -344,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for name, (topology, trainer, flags) in configured.items():
         kept = (folder / f"{name}.json").exists()  # by this run, an earlier one or another
         if not kept and (not args.only or name in args.only):
-          make(folder, name, topology, trainer, flags)
+          make(folder, name, topology, trainer, flags, args.timeout)
           table.write_text(write(load(folder)))
     except KeyboardInterrupt:
       table.write_text(write(load(folder)))
