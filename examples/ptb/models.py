@@ -20,8 +20,9 @@ batch size of 20 is AWD-LSTM's for PTB. So:
   uniform(+-0.1), BPTT 20, clipping at 5, untied. 4.65M parameters, the size a 2-core CPU trains
   (114.5 test perplexity in the paper).
 - ``lstm2-tiny``: 2 x 32, for smoke tests only.
-- ``transformer-small``, ``transformer-tiny``: decoder-only transformers
-  (:mod:`examples.ptb.transformer`), which carry no state across windows.
+- ``transformer-small``, ``transformer-tiny``, and ``transformer-12x768`` to ``-24x2048`` (93M to
+  1.23B parameters, for pods): decoder-only transformers (:mod:`examples.ptb.transformer`), which
+  carry no state across windows.
 
 An LSTM layer computes, for gates in the order input, forget, cell, output::
 
