@@ -490,6 +490,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     prog="python -m benchmarks.pod_plan",
     description=__doc__.splitlines()[0],
     usage="python -m benchmarks.pod_plan --topology TOPOLOGY {cifar10,ptb} [the trainer's flags]",
+    epilog="The trainer's flags are those of python -m examples.cifar10 --help or python -m "
+    "examples.ptb --help (without --workdir, --resume and the launch flags). Exit status: 0 with "
+    "a plan, 2 for a bad flag or topology, 3 when the step does not fit a chip.",
   )
   parser.add_argument(
     "--topology",
