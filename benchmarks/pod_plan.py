@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import update_memory
 from benchmarks.speed_report import cpu_model
 from examples import cli
 from examples.training import devices, settings, steps
@@ -139,16 +140,6 @@ def _placed(tree: Any, sharding: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes of ``tree``'s arrays held by one device under ``shardings``."""
-  leaves = jax.tree.leaves(tree)
-  specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-  return sum(
-    math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-    for x, s in zip(leaves, specs, strict=True)
-  )
-
-
 _HEADER = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.-]+) \((?P<params>.*)\) -> .* \{$")
 _INSTRUCTION = re.compile(r"=\s*(?P<result>.+?)\s+(?P<op>[a-z][a-z-]*)\((?P<operands>[^)]*)\)")
 _CALLS = re.compile(r"calls=%(?P<name>[\w.-]+)")
@@ -205,11 +196,6 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     result = _shape_bytes(m["result"], largest=start)
     found[op]["bytes"] += max(moved, result, _shape_bytes(m["operands"]))
   return found
-
-
-def _chip(chips: Sequence[Any]) -> str:
-  """The kind of the chips (one device each)."""
-  return chips[0].device_kind
 
 
 def _sharding_checks(state: Any, compiled: Any, mesh: Any) -> dict[str, Any]:
@@ -379,7 +365,7 @@ def make_plan(trainer: str, config: Any, topology: str, traced_p: bool = False) 
   # The bytes per device of the state as the compiled step takes it.
   state_in = compiled.input_shardings[0][0]
   params = nnx.filter_state(made.state[0], nnx.Param)
-  chip = _chip(made.chips)
+  chip = made.chips[0].device_kind  # one device per chip
   hbm = CHIPS.get(chip, {}).get("hbm")
   return Plan(
     topology=topology,
@@ -388,16 +374,13 @@ def make_plan(trainer: str, config: Any, topology: str, traced_p: bool = False) 
     hosts=len({d.process_index for d in made.chips}),
     mesh=dict(made.mesh.shape),
     num_params=made.model.num_params,
-    params=_bytes_per_device(params, nnx.filter_state(state_in[0], nnx.Param)),
-    optimizer_state=_bytes_per_device(made.state[1], state_in[1]),
+    params=update_memory.per_device_bytes(params, nnx.filter_state(state_in[0], nnx.Param)),
+    optimizer_state=update_memory.per_device_bytes(made.state[1], state_in[1]),
     arguments=memory.argument_size_in_bytes,
     outputs=memory.output_size_in_bytes,
     aliased=memory.alias_size_in_bytes,
     temporaries=memory.temp_size_in_bytes,
-    peak=memory.argument_size_in_bytes
-    + memory.output_size_in_bytes
-    - memory.alias_size_in_bytes
-    + memory.temp_size_in_bytes,
+    peak=update_memory.peak_bytes(memory),
     memory=float(hbm) if hbm else math.nan,
     flops=float(cost.get("flops", 0.0)),
     bytes_accessed=float(cost.get("bytes accessed", 0.0)),

@@ -64,6 +64,17 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
   )
 
 
+def peak_bytes(memory: Any) -> int:
+  """A compiled program's peak from its ``memory_analysis()``: arguments + outputs - donated
+  (aliased) bytes + temporaries."""
+  return (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
+
+
 def target_devices(topology: str | None) -> list[Any]:
   """This machine's devices, or the chips of a TPU ``topology`` such as ``v5e:2x2`` (compiled
   for without a TPU: needs ``libtpu``, e.g. ``pip install "jax[tpu]"``)."""
@@ -105,12 +116,7 @@ def analyse(tree: str, form: str, chips: Sequence[Any]) -> dict[str, float]:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  peak = (
-    memory.argument_size_in_bytes
-    + memory.output_size_in_bytes
-    - memory.alias_size_in_bytes
-    + memory.temp_size_in_bytes
-  )
+  peak = peak_bytes(memory)
   state_bytes = per_device_bytes(state, state_shardings)
   return {
     "state": state_bytes / MB,
