@@ -210,6 +210,7 @@ def make_optimizer(
   learning_rate: float | None = None,
   state_bits: int = 32,
   weight_decay_mask: Any = None,
+  split_state: bool = False,
   **overrides: Any,
 ) -> OptimizerSetup:
   """Builds optimizer ``name`` with the paper's hyperparameters for ``task``.
@@ -226,6 +227,9 @@ def make_optimizer(
       optimizer in ``padam_jax.with_quantized_state``.
     weight_decay_mask: on a task with decoupled decay (``lm``), which parameters decay: a pytree
       of bools or a function of the parameters returning one (default: :func:`matrices`).
+    split_state: the state will be split over devices (FSDP); with ``state_bits=8`` each
+      parameter's state is then updated whole (``chunk_size=None``) rather than in slices of
+      rows, which would cross devices where a first axis is split.
     **overrides: any other hyperparameter of :func:`paper_hyperparams`.
 
   Returns:
@@ -258,7 +262,7 @@ def make_optimizer(
   if decoupled:
     tx = _with_decoupled_decay(tx, hyperparams["weight_decay"], schedule, lr0, weight_decay_mask)
   if state_bits == 8:
-    tx = padam_jax.with_quantized_state(tx)
+    tx = padam_jax.with_quantized_state(tx, **({"chunk_size": None} if split_state else {}))
   log = {
     "optimizer": name,
     "task": task,

@@ -11,16 +11,20 @@ are freed first. The operations and their inputs are those of the whole function
 are the same values.
 
 When a parameter's outputs need another parameter's inputs (a global norm, say), the parts would
-repeat that work for every parameter; :func:`call` then runs the function whole.
+repeat that work for every parameter; :func:`call` then runs the function whole. A part for a large
+parameter can itself run on slices of the parameter's rows, one after another
+(:mod:`padam_jax._chunks`), where the compiler would otherwise hold its float32 state whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import jax
 from jax.extend import core
+
+from padam_jax import _chunks
 
 Group = int | None  # the parameter an array belongs to, or None for shared ones (counters, scalars)
 
@@ -63,8 +67,24 @@ def _parts(
   return parts
 
 
+def _run_part(part: core.ClosedJaxpr, inputs: list[Any], chunk_size: int | None) -> list[Any]:
+  """One part's outputs: on slices of rows of about ``chunk_size`` elements where it can be."""
+  if chunk_size is not None:
+    try:
+      outs = _chunks.call(part, inputs, chunk_size)
+    except _chunks.NotChunkable:
+      outs = None
+    if outs is not None:
+      return outs
+  return list(core.jaxpr_as_fun(part)(*inputs))
+
+
 def call(
-  fn: Callable[..., Any], args: Sequence[Any], groups: Callable[[Any], Sequence[Group]]
+  fn: Callable[..., Any],
+  args: Sequence[Any],
+  groups: Callable[[Any], Sequence[Group]],
+  chunk_size: int | None = None,
+  chunk_groups: Container[int] = (),
 ) -> Any:
   """``fn(*args)``, computed one group of outputs after another.
 
@@ -74,10 +94,15 @@ def call(
     groups: given ``args`` (as a tuple), or ``fn``'s output (as ``jax.ShapeDtypeStruct``), the
       group (parameter index) of each of its leaves, in ``jax.tree.leaves`` order: None for a leaf
       every group may read (a counter) or that only such leaves make.
+    chunk_size: when given, the part of a group in ``chunk_groups`` whose outputs have more
+      elements runs on slices of their rows of at most about this many elements, where
+      :mod:`padam_jax._chunks` shows that the rows are independent (the values are the same).
+    chunk_groups: the groups whose parts may run in slices.
 
   Returns:
-    The output of ``fn(*args)``; computed whole when it has fewer than two groups, when
-    ``groups`` does not give one per leaf, or when a group's outputs need another's inputs.
+    The output of ``fn(*args)``; computed whole when it has fewer than two groups (and none to
+    run in slices), when ``groups`` does not give one per leaf, or when a group's outputs need
+    another's inputs.
   """
   closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
   flat_args = jax.tree.leaves(args)
@@ -87,7 +112,7 @@ def call(
   if (
     len(in_groups) == len(flat_args)
     and len(out_groups) == out_tree.num_leaves
-    and len({g for g in out_groups if g is not None}) > 1
+    and len({g for g in out_groups if g is not None}) > (0 if chunk_groups else 1)
   ):
     parts = _parts(closed, in_groups, out_groups)
   if parts is None:
@@ -99,7 +124,8 @@ def call(
     inputs = [flat_args[index[v]] for v in invars]
     if previous:  # nothing of this part starts before the previous part's outputs exist
       inputs, _ = jax.lax.optimization_barrier((inputs, previous))
-    previous = list(core.jaxpr_as_fun(part)(*inputs))
+    sliced = out_groups[outputs[0]] in chunk_groups
+    previous = _run_part(part, inputs, chunk_size if sliced else None)
     for i, value in zip(outputs, previous, strict=True):
       results[i] = value
   return out_tree.unflatten(results)

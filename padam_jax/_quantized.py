@@ -259,6 +259,7 @@ def with_quantized_state(
   block_size: int = 16,
   min_size: int = 4096,
   leafwise: bool = True,
+  chunk_size: int | None = 2**22,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the state of ``tx`` in 8 bits per element: block-wise codes, stochastically rounded.
 
@@ -303,6 +304,13 @@ def with_quantized_state(
       temporary buffers hold the float32 state of one parameter rather than of all (where the
       compiler keeps the order: XLA:TPU does, XLA:CPU does not). The values are the same. Where
       ``tx`` couples parameters (a global norm), the update runs whole.
+    chunk_size: with ``leafwise``, a parameter with more elements (and two or more axes) is
+      updated in slices of its rows of at most about this many elements, one after another, each
+      written in place, so the temporaries hold one slice's float32 state, not the parameter's;
+      the rows are sliced only where ``tx``'s update of a row reads that row alone (elementwise
+      rules such as Padam and Adam), and the values are the same. On a mesh that splits a large
+      parameter's first axis over devices, the slices would move rows between devices: pass
+      ``None`` there to update each parameter whole.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is :class:`QuantizedState`; its
@@ -333,6 +341,10 @@ def with_quantized_state(
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
     raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+  if chunk_size is not None and (
+    isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+  ):
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
   inner = optax.with_extra_args_support(tx)
 
   def init_fn(params: optax.Params) -> QuantizedState:
@@ -357,7 +369,14 @@ def with_quantized_state(
       )
 
     treedef = jax.tree.structure(updates)
-    if not leafwise or treedef.num_leaves < 2:
+    # Parameters with a quantized leaf may run in slices (a float32 state's update needs no
+    # temporaries whole).
+    inner_groups = _groups(state.inner_state, treedef)
+    headers = _header_list(state.headers)
+    sliced = set()
+    if chunk_size is not None:
+      sliced = {g for g, h in zip(inner_groups, headers, strict=True) if h is not None}
+    if not leafwise or (treedef.num_leaves < 2 and not sliced):
       return whole(updates, state, params)
 
     def groups(tree: tuple[Any, ...]) -> list[int | None]:
@@ -370,6 +389,6 @@ def with_quantized_state(
         for g in (_state_groups(part, treedef) if isinstance(part, QuantizedState) else parameters)
       ]
 
-    return _leafwise.call(whole, (updates, state, params), groups)
+    return _leafwise.call(whole, (updates, state, params), groups, chunk_size, sliced)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

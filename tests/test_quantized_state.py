@@ -299,6 +299,57 @@ def test_leafwise_update_gives_the_same_bits_as_the_whole_one(inner, in_parts):
   jax.tree.map(np.testing.assert_array_equal, runs[True], runs[False])
 
 
+# A parameter with more than chunk_size elements is updated in slices of its rows: the same
+# operations on the same values, so the same state, bit for bit (random bits included: they hash
+# each element's index in the whole parameter). XLA fuses the parameters' last step (p + u)
+# differently each way and may round it differently (contracting a multiply and an add), so the
+# parameters agree to a float32 rounding.
+@pytest.mark.parametrize(
+  "inner, sliced",
+  [
+    pytest.param(lambda: padam_jax.padam(1e-2, p=0.125), True, id="padam"),
+    # The trust ratio is a norm of the whole parameter: its rows are not independent.
+    pytest.param(
+      lambda: optax.chain(padam_jax.padam(1e-2, p=0.125), optax.scale_by_trust_ratio()),
+      False,
+      id="trust-ratio",
+    ),
+  ],
+)
+def test_large_parameters_are_updated_in_slices_of_rows_with_the_same_values(inner, sliced):
+  rng = np.random.default_rng(0)
+  params = {
+    "w": jnp.asarray(rng.normal(size=(100, 64)), jnp.float32),  # slices of 32, 32, 32, 4 rows
+    "t": jnp.asarray(rng.normal(size=(20, 8, 32)), jnp.float32),  # slices of 8, 8, 4 rows
+    "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32),  # one axis: whole
+  }
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)]
+  grads.append(jax.tree.map(lambda g: -0.5 * g, grads[0]))
+
+  def step(tx):
+    def apply(p, state, g):
+      updates, state = tx.update(g, state, p)
+      return optax.apply_updates(p, updates), state
+
+    return jax.jit(apply)
+
+  runs = {}
+  for size in (None, 2048):
+    tx = padam_jax.with_quantized_state(inner(), block_size=16, min_size=256, chunk_size=size)
+    p, state = params, tx.init(params)
+    for g in grads:
+      p, state = step(tx)(p, state, g)
+    runs[size] = p, state
+  jax.tree.map(np.testing.assert_array_equal, runs[2048][1], runs[None][1])
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+    runs[2048][0],
+    runs[None][0],
+  )
+  jaxpr = jax.make_jaxpr(step(tx))(params, state, grads[0]).jaxpr
+  assert ("dynamic_update_slice" in _primitives(jaxpr)) == sliced
+
+
 def test_bad_arguments_are_refused():
   with pytest.raises(ValueError, match="bits must be 8"):
     padam_jax.with_quantized_state(optax.adam(1e-3), bits=4)
@@ -306,3 +357,5 @@ def test_bad_arguments_are_refused():
     padam_jax.with_quantized_state(optax.adam(1e-3), block_size=0)
   with pytest.raises(ValueError, match="min_size must be an int >= 0"):
     padam_jax.with_quantized_state(optax.adam(1e-3), min_size=-1)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+    padam_jax.with_quantized_state(optax.adam(1e-3), chunk_size=0)

@@ -288,3 +288,17 @@ def test_mu_dtype_keeps_the_first_moment_in_that_dtype():
   for bad in ("float64", "int8", 3, True):
     with pytest.raises(ValueError, match=r"mu_dtype .* is not valid for 'padam'; expected float32"):
       optimizers.make_optimizer("padam", "cifar10", mu_dtype=bad, **BUILD)
+
+
+@pytest.mark.standard_promotion  # optax.adam's bias correction mixes int and float
+@pytest.mark.parametrize("split_state", [False, True])
+def test_8bit_state_is_updated_in_slices_unless_the_state_is_split(split_state):
+  # A parameter of more than 2**22 elements: sliced by default, whole when the state is split
+  # over devices (the trainers' --mesh with fsdp > 1), where slices of rows would cross devices.
+  setup = optimizers.make_optimizer(
+    "adam", "cifar10", **BUILD, state_bits=8, split_state=split_state
+  )
+  params = {"w": jax.ShapeDtypeStruct((4096, 1040), jnp.float32)}
+  state = jax.eval_shape(setup.tx.init, params)
+  jaxpr = jax.make_jaxpr(setup.tx.update)(params, state, params)
+  assert ("dynamic_update_slice" in str(jaxpr)) == (not split_state)

@@ -4,6 +4,8 @@ gradients and state once each, the donated ones aliased to the outputs)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -38,3 +40,19 @@ def test_float32_state_needs_no_temporaries(monkeypatch, fsdp):
   assert row["peak"] * update_memory.MB >= 5 * per_device
   assert row["peak"] * update_memory.MB <= 5 * per_device + 1024
   assert row["bytes accessed GB"] > 0
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason='libtpu is not installed (pip install -e ".[tpu-plan]")',
+)
+def test_8bit_update_of_a_large_leaf_holds_at_most_two_float32_copies_of_it_on_tpu(monkeypatch):
+  # XLA:TPU (one v5e chip, compiled without a TPU): updated whole, this embedding's 8-bit update
+  # held 329 MB of temporaries, 6.5 times its float32 size; in slices of rows (the default
+  # chunk_size), 53 MB: the float32 updates it returns, and one slice's work.
+  shapes = {"embed": (16384, 768), "kernel": (768, 768), "bias": (768,)}
+  monkeypatch.setitem(update_memory.TREES, "large", lambda: shapes)
+  chip = update_memory.target_devices("v5e:2x2")[:1]
+  row = update_memory.analyse("large", "8-bit", chip)
+  assert row["state"] > 0
+  assert row["temporaries"] * update_memory.MB <= 2 * 16384 * 768 * 4

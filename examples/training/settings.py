@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from examples import cli, optimizers
-from examples.training.devices import FSDP_MIN_SIZE, mesh_sizes, parse_mesh
+from examples.training.devices import FSDP_AXIS, FSDP_MIN_SIZE, mesh_sizes, parse_mesh
 
 # Config fields that may change between a run and its resumption without changing its results
 # (the mesh changes only where the arrays live: a checkpoint restores onto any layout).
@@ -339,5 +339,6 @@ def make_optimizer(task: Any, config: LoopConfig) -> optimizers.OptimizerSetup:
     learning_rate=config.learning_rate,
     state_bits=config.state_bits,
     weight_decay_mask=task.weight_decay_mask,
+    split_state=config.mesh is not None and parse_mesh(config.mesh).get(FSDP_AXIS, 1) > 1,
     **dict(config.hparams),
   )
