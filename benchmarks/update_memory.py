@@ -20,8 +20,13 @@ a mesh whose ``fsdp`` axis splits each array by the trainers' rule
   state and the step's scratch, all live at once;
 - **bytes accessed**: the cost model's count (``cost_analysis()``) of the bytes read and written.
 
+The 8-bit state is compiled twice: as ``with_quantized_state`` updates it by default (a parameter
+of more than ``2**22`` elements in slices of its rows) and with ``chunk_size=None`` (each parameter
+whole, as the trainers do when ``--mesh`` splits the state).
+
 The trees are :mod:`benchmarks.param_trees`' CIFAR ResNet-18 (11.2M parameters, largest leaf
-9.4 MB in float32) and GPT-2-style decoder (98.4M, largest leaf 50.3 MB). Compiling the 98M tree
+9.4 MB in float32), GPT-2-style decoder (98.4M, largest leaf 50.3 MB) and that decoder's largest
+leaf alone (its 16,384 x 768 token embedding). Compiling the 98M tree
 takes a minute or two per row on a 2-core CPU.
 """
 
@@ -51,8 +56,16 @@ FORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "float32": lambda: padam_jax.padam(0.1, p=P),
   "bfloat16": lambda: padam_jax.padam(0.1, p=P, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
   "8-bit": lambda: padam_jax.with_quantized_state(padam_jax.padam(0.1, p=P)),
+  "8-bit, whole leaves": lambda: padam_jax.with_quantized_state(
+    padam_jax.padam(0.1, p=P), chunk_size=None
+  ),
 }
-TREES = {"resnet18": param_trees.resnet18_shapes, "transformer": param_trees.transformer_shapes}
+TREES = {
+  "resnet18": param_trees.resnet18_shapes,
+  "transformer": param_trees.transformer_shapes,
+  # The decoder's largest parameter alone, its token embedding.
+  "embedding": lambda: {"embed/tokens": param_trees.transformer_shapes()["embed/tokens"]},
+}
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
@@ -80,6 +93,7 @@ def target_devices(topology: str | None) -> list[Any]:
   for without a TPU: needs ``libtpu``, e.g. ``pip install "jax[tpu]"``)."""
   if topology is None:
     return jax.devices()
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: no lock needed
   return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
 
 
