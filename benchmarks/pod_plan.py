@@ -79,13 +79,8 @@ def topology_devices(topology: str) -> list[Any]:
   this machine's CPU devices (XLA:CPU's program, for comparison)."""
   if topology == "cpu":
     return jax.devices("cpu")
-  # libtpu takes a lock that keeps a second process from loading it, for the TPUs it would open;
-  # a plan opens none, so plans (and a training run's libtpu) may run side by side.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    from jax.experimental import topologies
-
-    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    chips = update_memory.target_devices(topology)  # no TPU opened: libtpu's lock is not taken
   except (ImportError, RuntimeError, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise PlanError(
@@ -93,7 +88,7 @@ def topology_devices(topology: str) -> list[Any]:
       '(pip install -e ".[tpu-plan]") and a name such as v5e:2x2, v5p:2x2x1 or v4:2x2x1'
     ) from e
   # JAX runs a v4 chip's two TensorCores as one device ("megacore"); the topology lists both.
-  return [d for d in desc.devices if getattr(d, "core_on_chip", 0) == 0]
+  return [d for d in chips if getattr(d, "core_on_chip", 0) == 0]
 
 
 def _cifar10_task(config: Any) -> Any:

@@ -244,23 +244,24 @@ def largest_fitting(records: dict[str, dict[str, Any]]) -> list[str]:
     for optimizer, bits in DECODER_OPTIMIZERS:
       fitting, beyond = None, "none larger planned"
       for model in DECODERS:
-        name = f"{model.removeprefix('transformer-')}-{topology.replace(':', '-')}"
+        short = model.removeprefix("transformer-")
+        name = f"{short}-{topology.replace(':', '-')}"
         record = records.get(f"{name}-{optimizer}-{bits}")
         if record is None:
           beyond = "not planned yet"
           break
         if record["fits"] is None:
-          beyond = f"{model.removeprefix('transformer-')}: no plan ({record['reason']})"
+          beyond = f"{short}: no plan ({record['reason']})"
           break
         if not record["fits"]:
           peak = record.get("peak")
-          beyond = f"{model.removeprefix('transformer-')}: " + (
+          beyond = f"{short}: " + (
             f"peak {peak / 1e6:,.0f} MB ({peak / record['memory']:.0%})"
             if peak
             else "refused by XLA"
           )
           break
-        fitting = (model.removeprefix("transformer-"), record)
+        fitting = (short, record)
       if fitting is None:
         cells = ["none", "-"]
       else:

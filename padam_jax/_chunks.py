@@ -62,9 +62,9 @@ class _Rows:
   def __init__(self, extent: int, start: int, size: int):
     self.extent, self.start, self.size = extent, start, size
 
-  def cut(self, x: Any) -> Any:
-    """``x``'s rows of the slice."""
-    return jax.lax.slice_in_dim(x, self.start, self.start + self.size, axis=0)
+  def cut(self, x: Any, axis: int = 0) -> Any:
+    """``x``'s rows of the slice (along ``axis``)."""
+    return jax.lax.slice_in_dim(x, self.start, self.start + self.size, axis=axis)
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -107,7 +107,7 @@ def _equation(
   shape = tuple(eqn.outvars[0].aval.shape) if len(eqn.outvars) == 1 else ()
   creates_rows = shape[:1] == (rows.extent,) and name in ("iota", "broadcast_in_dim")
   if any(flags) or creates_rows:
-    rule = _RULES.get(name) or _RULES.get("elementwise" if name in _ELEMENTWISE else "")
+    rule = _RULES.get(name)
     if rule is None:
       raise NotChunkable(f"{name} is not known to keep rows apart")
     values = rule(values, flags, params, shape, rows)
@@ -140,7 +140,7 @@ def _broadcast(
   if flags[0] and first != 0:
     raise NotChunkable("broadcast that moves the rows' axis")
   if not flags[0] and first is not None and _shape(x)[first] != 1:
-    x = jax.lax.slice_in_dim(x, rows.start, rows.start + rows.size, axis=first)
+    x = rows.cut(x, axis=first)
   params["shape"] = (rows.size, *shape[1:])
   return [x]
 
@@ -183,7 +183,7 @@ def _reduction(
 _RULES = {
   "iota": _iota,
   "broadcast_in_dim": _broadcast,
-  "elementwise": _elementwise,
+  **dict.fromkeys(_ELEMENTWISE, _elementwise),
   "reshape": _reshape,
   "squeeze": _reduction,
   **dict.fromkeys(_REDUCTIONS, _reduction),
